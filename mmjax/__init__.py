@@ -1,0 +1,3 @@
+"""mmjax: multimodal representation learning in JAX."""
+
+__version__ = "0.1.0"
