@@ -1,0 +1,114 @@
+"""Building blocks for experiment configs (`configs/*.py`).
+
+Every experiment starts from `base_config()`, whose structure is locked: assigning a
+field that does not exist (a typo) raises an error naming it, in a config file and on
+the command line (`--config.optimizer.lr=...`). Parts are chosen by registered names.
+"""
+
+from __future__ import annotations
+
+import math
+
+import ml_collections
+
+from mmjax.data import world as world_lib
+
+CLIP_INIT_LOGIT_SCALE = math.log(1 / 0.07)
+MAX_LOGIT_SCALE = 100.0
+
+
+def encoder(kind: str, variant: str | None = None, **overrides) -> ml_collections.ConfigDict:
+  """One modality's encoder: a registered `kind`, a size `variant` and module overrides."""
+  return ml_collections.ConfigDict({"kind": kind, "variant": variant, **overrides})
+
+
+def world_data(modalities=("image", "text"), **overrides) -> ml_collections.ConfigDict:
+  """`config.data` for the procedural world."""
+  d = ml_collections.ConfigDict()
+  d.kind = "world"
+  d.seed = 0
+  d.modalities = tuple(modalities)
+  d.sizes = ml_collections.ConfigDict({"train": 50_000, "validation": 512, "test": 512})
+  d.expresses = ml_collections.ConfigDict(
+      {m: world_lib.FACTOR_NAMES for m in world_lib.MODALITIES})
+  d.noise = ml_collections.ConfigDict({"image": 0.05, "audio": 0.05, "text": 0.0})
+  d.image_size = 32
+  d.audio_samples = 4000
+  d.sample_rate = 8000
+  d.text_max_len = 72
+  d.label = ml_collections.ConfigDict(
+      {"factors": ("shape",), "mode": "product", "num_classes": 0})
+  d.missing = missing_config()
+  d.num_threads = 2
+  for k, v in overrides.items():
+    setattr(d, k, v)
+  return d
+
+
+def missing_config(kind="none", **overrides) -> ml_collections.ConfigDict:
+  """`config.data.missing` (see `mmjax.data.missing`)."""
+  m = ml_collections.ConfigDict()
+  m.kind = kind
+  m.rates = ml_collections.ConfigDict()
+  m.combinations = ()
+  m.weights = ()
+  m.mnar_on = "label"
+  m.mnar_rates = ml_collections.ConfigDict()
+  m.allow_none = False
+  m.seed = 0
+  for k, v in overrides.items():
+    setattr(m, k, v)
+  return m
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every field the trainer reads, with defaults. Returned locked."""
+  c = ml_collections.ConfigDict()
+  c.name = "base"
+  c.seed = 0
+  c.total_steps = 1000
+  c.batch_size = 256                # global, over all processes and devices
+  c.log_every_steps = 50
+  c.checkpoint_every_steps = 500
+  c.eval_every_steps = 500
+  c.keep_checkpoints = 3
+  c.mesh = ml_collections.ConfigDict({"data": -1})   # -1: all devices
+
+  c.data = world_data()
+
+  c.model = ml_collections.ConfigDict()
+  c.model.embed_dim = 128
+  c.model.encoders = ml_collections.ConfigDict({
+      "image": encoder("vit", "mu"),
+      "text": encoder("text", "mu"),
+  })
+  c.model.head = "linear"           # projection heads: linear | mlp
+  c.model.logit_scale_init = CLIP_INIT_LOGIT_SCALE
+  c.model.max_logit_scale = MAX_LOGIT_SCALE
+  c.model.logit_bias_init = ml_collections.config_dict.placeholder(float)
+  c.model.fusion = ml_collections.config_dict.placeholder(ml_collections.ConfigDict)
+  c.model.task = ml_collections.config_dict.placeholder(ml_collections.ConfigDict)
+
+  c.objective = ml_collections.ConfigDict()
+  c.objective.kind = "clip"
+  c.objective.label_smoothing = 0.0
+  c.objective.anchor = ml_collections.config_dict.placeholder(str)
+  c.objective.pairs = "anchor"      # pairwise: anchor | all
+  c.objective.pair_kind = "clip"    # pairwise: clip | siglip
+  c.objective.weights = ml_collections.ConfigDict()
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.lr = 1e-3
+  c.optimizer.min_lr_ratio = 0.0    # cosine decays to lr * min_lr_ratio
+  c.optimizer.warmup_steps = 100
+  c.optimizer.weight_decay = 0.05
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.98
+  c.optimizer.eps = 1e-6
+  c.optimizer.clip_norm = 1.0
+
+  c.evals = ml_collections.ConfigDict()
+  c.evals.retrieval = ml_collections.ConfigDict(
+      {"kind": "retrieval", "split": "test", "every": -1, "batch_size": 256})
+  c.lock()
+  return c

@@ -1,0 +1,141 @@
+"""The input pipeline: source -> grain (shuffle, repeat, per-process shard) -> featurize
+-> batch -> a global `jax.Array` sharded over the mesh axis 'data'.
+
+Every process builds the same shuffled stream of examples and takes its own contiguous
+part of each global batch: global batch `s` is examples `[s*B, (s+1)*B)` of the stream,
+and process `p` of `n` holds `[s*B + p*B/n, s*B + (p+1)*B/n)`. The union over processes
+is therefore the single-process global batch, in the same order, for any process count.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import grain
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from mmjax.data import missing as missing_lib
+from mmjax.data import tokenizer as tokenizer_lib
+from mmjax.data import world as world_lib
+
+Batch = dict[str, Any]
+
+
+def make_source(data_config, split: str):
+  """A random-access source for `split` from `config.data` (kind 'world' or 'tfds')."""
+  kind = data_config.kind
+  if kind == "world":
+    return world_lib.World(world_lib.WorldSpec.from_config(data_config), split)
+  if kind == "tfds":
+    from mmjax.data import tfds_source  # pylint: disable=g-import-not-at-top
+    return tfds_source.make_source(data_config, split)
+  raise ValueError(f"data.kind: unknown source {kind!r}; valid: 'world', 'tfds'")
+
+
+def source_modalities(data_config) -> tuple[str, ...]:
+  """The modalities the configured source produces."""
+  if data_config.kind == "world":
+    return tuple(data_config.modalities)
+  return tuple(data_config.features.keys())
+
+
+class Featurize:
+  """A record (numpy / str fields) -> fixed-shape arrays, plus the presence `mask`.
+
+  Text is tokenised; every modality gets `mask[m] = True` here; the missingness
+  transform (if configured) then clears entries and zero-fills the absent inputs.
+  """
+
+  def __init__(self, modalities: Sequence[str], text_max_len: int,
+               missingness: missing_lib.Missingness | None = None):
+    self.modalities = tuple(modalities)
+    self.tokenizer = tokenizer_lib.ByteTokenizer(text_max_len)
+    self.missingness = missingness
+
+  def __call__(self, index_and_record) -> Batch:
+    index, record = index_and_record
+    example: Batch = {}
+    for m in self.modalities:
+      if m not in record:
+        raise KeyError(f"the source produced no {m!r}; it has {sorted(record)}")
+      value = record[m]
+      if m == "text" and isinstance(value, (str, bytes)):
+        value = self.tokenizer.encode(value if isinstance(value, str) else value.decode())
+      example[m] = np.asarray(value)
+    example["mask"] = {m: np.bool_(True) for m in self.modalities}
+    if "label" in record:
+      example["label"] = np.int32(record["label"])
+    if "factors" in record:
+      example["factors"] = np.asarray(record["factors"], np.int32)
+    example["index"] = np.int64(index)
+    if self.missingness is not None:
+      example = self.missingness(example)
+    return example
+
+
+def train_dataset(source, featurize: Callable, *, seed: int, global_batch_size: int,
+                  process_index: int | None = None, process_count: int | None = None,
+                  num_threads: int = 2, prefetch: int = 4) -> grain.IterDataset:
+  """Shuffled, repeated, process-sharded batches of the local size `global / processes`."""
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
+  if global_batch_size % process_count:
+    raise ValueError(f"batch_size {global_batch_size} is not divisible by the number of "
+                     f"processes {process_count}")
+  local = global_batch_size // process_count
+  ds = grain.MapDataset.range(len(source)).seed(seed).shuffle().repeat()
+  ds = ds.map(lambda i: (int(i), source[int(i)])).map(featurize)
+  ds = ds.batch(local, drop_remainder=True)[process_index::process_count]
+  return ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
+                                              prefetch_buffer_size=prefetch))
+
+
+def eval_batches(source, featurize: Callable, *, global_batch_size: int,
+                 process_index: int | None = None, process_count: int | None = None
+                 ) -> Iterator[tuple[Batch, int]]:
+  """The whole split in order, as `(local batch, number of valid rows in the global batch)`.
+
+  The last batch is padded (copies of the final example) to the static shape; the
+  caller drops rows past the valid count.
+  """
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
+  local = global_batch_size // process_count
+  n = len(source)
+  for start in range(0, n, global_batch_size):
+    valid = min(global_batch_size, n - start)
+    lo = start + process_index * local
+    rows = [featurize((min(i, n - 1), source[min(i, n - 1)])) for i in range(lo, lo + local)]
+    yield jax.tree.map(lambda *xs: np.stack(xs), *rows), valid
+
+
+def data_sharding(mesh) -> NamedSharding:
+  return NamedSharding(mesh, P("data"))
+
+
+def to_global(local_batch: Batch, mesh) -> Batch:
+  """Place the process-local batch as global `jax.Array`s sharded over 'data'.
+
+  Works on one host and on many: each process passes only its own rows.
+  """
+  sharding = data_sharding(mesh)
+  num_data = mesh.shape["data"]
+  leaves = jax.tree.leaves(local_batch)
+  global_rows = leaves[0].shape[0] * jax.process_count()
+  if global_rows % num_data:
+    raise ValueError(f"global batch of {global_rows} rows is not divisible by the "
+                     f"{num_data} devices of the mesh axis 'data'")
+  return jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
+
+
+def check_batch(batch: Mapping[str, Any], modalities: Sequence[str]) -> None:
+  """Raise a clear error if a batch lacks a modality the model needs."""
+  for m in modalities:
+    if m not in batch:
+      raise ValueError(f"the model expects modality {m!r} but the batch has only "
+                       f"{sorted(k for k in batch if k != 'mask')}")
+    if m not in batch.get("mask", {}):
+      raise ValueError(f"batch['mask'] has no entry for modality {m!r}")

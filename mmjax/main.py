@@ -1,0 +1,32 @@
+"""Command line: `python -m mmjax.main --config=configs/default.py --workdir=runs/default`.
+
+Any config field can be overridden (`--config.optimizer.lr=3e-4`); a field that does
+not exist is an error naming it.
+"""
+
+from __future__ import annotations
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from mmjax.train import trainer
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file "
+                                          "(path.py or path.py:arg).", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics, plots go.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "train (resumes) or eval.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if _MODE.value == "train":
+    trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  else:
+    raise app.UsageError("--mode=eval is not available yet")
+
+
+if __name__ == "__main__":
+  app.run(main)

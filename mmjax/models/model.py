@@ -1,0 +1,143 @@
+"""`MultimodalModel`: encoders -> projection heads -> unit-norm embeddings
+(-> fusion -> task head), built from `config.model`.
+
+The model runs exactly the encoders named in its config; a batch that lacks one of
+them is an error, never a silent skip. Embeddings of absent modalities are still
+computed (their inputs are zero-filled); `batch['mask']` tells objectives and fusion
+which to ignore.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Optional
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mmjax.models import heads as heads_lib
+from mmjax.models import registry
+
+
+@flax.struct.dataclass
+class ModelOutput:
+  """What `MultimodalModel.apply` returns.
+
+  embeddings: modality -> [B, embed_dim], unit norm.
+  features:   modality -> [B, encoder width], before projection.
+  logit_scale: scalar, exp of the learned log-scale, capped at `max_logit_scale`.
+  logit_bias: scalar or None (SigLIP).
+  logits: [B, num_classes] task logits, or None without a task head.
+  joint: [B, D] fused representation, or None without fusion.
+  aux: auxiliary losses ('loss/...') and statistics ('stats/...') from fusion.
+  """
+  embeddings: dict
+  features: dict
+  logit_scale: jax.Array
+  logit_bias: Optional[jax.Array] = None
+  logits: Optional[jax.Array] = None
+  joint: Optional[jax.Array] = None
+  aux: dict = flax.struct.field(default_factory=dict)
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+  return x / jnp.sqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True) + eps)
+
+
+def _encoder_overrides(encoder_config) -> dict[str, Any]:
+  return {k: v for k, v in encoder_config.items() if k not in ("kind", "variant")}
+
+
+class MultimodalModel(nn.Module):
+  """Any set of modality encoders with projection heads into one embedding space.
+
+  Attributes:
+    encoders: modality -> encoder config (`kind`, `variant`, module overrides).
+    embed_dim: shared embedding width.
+    head: projection head kind ('linear' or 'mlp').
+    logit_scale_init: initial log of the similarity multiplier (CLIP: log(1/0.07)).
+    max_logit_scale: cap on the multiplier (CLIP: 100).
+    logit_bias_init: initial logit bias (SigLIP: -10), None for no bias.
+    fusion: optional fusion config (`kind` + fields), see `mmjax.fusion`.
+    task: optional task-head config (`num_classes`, `kind`).
+  """
+  encoders: Mapping[str, Any]
+  embed_dim: int = 128
+  head: str = "linear"
+  logit_scale_init: float = math.log(1 / 0.07)
+  max_logit_scale: float = 100.0
+  logit_bias_init: Optional[float] = None
+  fusion: Optional[Mapping[str, Any]] = None
+  task: Optional[Mapping[str, Any]] = None
+
+  @property
+  def modalities(self) -> tuple[str, ...]:
+    return tuple(sorted(self.encoders))
+
+  def setup(self):
+    self.towers = {m: registry.build_encoder(c["kind"], c.get("variant"),
+                                             **_encoder_overrides(c))
+                   for m, c in self.encoders.items()}
+    self.heads = {m: heads_lib.ProjectionHead(self.embed_dim, kind=self.head)
+                  for m in self.encoders}
+    self.log_logit_scale = self.param(
+        "logit_scale", nn.initializers.constant(self.logit_scale_init), (), jnp.float32)
+    if self.logit_bias_init is not None:
+      self.logit_bias = self.param(
+          "logit_bias", nn.initializers.constant(self.logit_bias_init), (), jnp.float32)
+    if self.fusion is not None:
+      from mmjax import fusion as fusion_lib  # pylint: disable=g-import-not-at-top
+      self.fuse = fusion_lib.build_fusion_from_config(self.fusion, self.task,
+                                                      modalities=self.modalities)
+
+  def __call__(self, batch: Mapping[str, Any], *, train: bool = False) -> ModelOutput:
+    """Encodes every configured modality of `batch`.
+
+    Args:
+      batch: modality -> input array (see DESIGN.md), plus `mask` (modality -> bool [B]).
+      train: enables dropout and other training-only behaviour (rng 'dropout').
+    """
+    mask = batch.get("mask", {})
+    for m in self.modalities:
+      if m not in batch:
+        raise ValueError(
+            f"the model expects modality {m!r} (model.encoders) but the batch has only "
+            f"{sorted(k for k in batch if k not in ('mask', 'label', 'index', 'factors'))}")
+    features, embeddings = {}, {}
+    for m in self.modalities:
+      features[m] = self.towers[m](batch[m], train=train)
+      embeddings[m] = l2_normalize(self.heads[m](features[m]).astype(jnp.float32))
+    logit_scale = jnp.exp(jnp.minimum(self.log_logit_scale, math.log(self.max_logit_scale)))
+    logit_bias = self.logit_bias if self.logit_bias_init is not None else None
+    logits = joint = None
+    aux = {}
+    if self.fusion is not None:
+      for m in self.modalities:
+        if m not in mask:
+          raise ValueError(f"fusion needs batch['mask'][{m!r}]; the mask has {sorted(mask)}")
+      joint, logits, aux = self.fuse(features, {m: mask[m] for m in self.modalities},
+                                     train=train)
+    return ModelOutput(embeddings=embeddings, features=features, logit_scale=logit_scale,
+                       logit_bias=logit_bias, logits=logits, joint=joint, aux=aux)
+
+
+def build(model_config) -> MultimodalModel:
+  """`config.model` -> an unbound `MultimodalModel`."""
+  c = model_config
+  encoders = {m: dict(e) for m, e in c.encoders.items()}
+  for m, e in encoders.items():
+    if "kind" not in e:
+      raise ValueError(f"model.encoders.{m} has no 'kind'; valid kinds: "
+                       f"{sorted(registry.ENCODERS)}")
+    # Fail at build time, with the field named, rather than inside `init`.
+    registry.build_encoder(e["kind"], e.get("variant"), **_encoder_overrides(e))
+  fusion = c.get("fusion")
+  task = c.get("task")
+  return MultimodalModel(
+      encoders=encoders, embed_dim=c.embed_dim, head=c.head,
+      logit_scale_init=c.logit_scale_init, max_logit_scale=c.max_logit_scale,
+      logit_bias_init=c.get("logit_bias_init"),
+      fusion=dict(fusion) if fusion is not None else None,
+      task=dict(task) if task is not None else None)

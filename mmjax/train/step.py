@@ -1,0 +1,100 @@
+"""Train state and the jitted steps: small pure functions of `(state, batch, rng)`.
+
+The per-device body of the train step is written with `jax.shard_map` over the mesh
+axis 'data' (the pmap programming model): each device encodes its block of the
+global batch, the objective gathers negatives from all devices and returns the
+global loss, and the gradient of that loss with respect to the replicated params is
+the global-batch gradient (autodiff sums the per-device contributions: the transpose
+of using a replicated value on every device is a `psum`). The optimizer update then
+runs once on the replicated params and optimizer state.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax.training import train_state
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+DATA = "data"
+
+
+class TrainState(train_state.TrainState):
+  """flax's TrainState (step, params, tx, opt_state)."""
+
+
+def init_variables(model, sample_batch, rng):
+  """Params from a (host, unsharded) sample batch; shapes only matter."""
+  return model.init({"params": rng, "dropout": rng}, sample_batch, train=False)
+
+
+def create_train_state(model, tx: optax.GradientTransformation, sample_batch, rng,
+                       mesh) -> TrainState:
+  """A replicated TrainState on `mesh` (params initialised under jit, no host copy)."""
+  replicated = NamedSharding(mesh, P())
+
+  @functools.partial(jax.jit, out_shardings=replicated)
+  def init(rng):
+    params = init_variables(model, sample_batch, rng)["params"]
+    return TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+
+  return init(rng)
+
+
+def make_train_step(model, objective: Callable, objective_config, mesh,
+                    *, donate: bool = True) -> Callable:
+  """`train_step(state, batch, rng) -> (state, metrics)`, jitted.
+
+  `batch` is a dict of global arrays sharded over 'data'; `metrics` are replicated
+  scalars: `loss`, `grad_norm`, `logit_scale` and the objective's own metrics.
+  """
+
+  def per_device(params, batch, rng):
+    # Different dropout on every device, the same on every run.
+    rng = jax.random.fold_in(rng, jax.lax.axis_index(DATA))
+
+    def loss_fn(params):
+      out = model.apply({"params": params}, batch, train=True, rngs={"dropout": rng})
+      loss, metrics = objective(out, batch, objective_config, axis_name=DATA)
+      metrics["logit_scale"] = out.logit_scale
+      return loss, metrics
+
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    metrics = jax.lax.pmean(metrics, DATA)
+    return grads, loss, metrics
+
+  grads_fn = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(DATA), P()),
+                           out_specs=(P(), P(), P()))
+
+  def train_step(state: TrainState, batch, rng):
+    grads, loss, metrics = grads_fn(state.params, batch, rng)
+    metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads))
+    return state.apply_gradients(grads=grads), metrics
+
+  return jax.jit(train_step, donate_argnums=(0,) if donate else ())
+
+
+def make_apply_fn(model) -> Callable:
+  """`apply(params, batch) -> ModelOutput` in eval mode, jitted (GSPMD over the batch
+  sharding; no collectives are needed to embed)."""
+
+  @jax.jit
+  def apply(params, batch):
+    return model.apply({"params": params}, batch, train=False)
+
+  return apply
+
+
+def abstract_state(state: TrainState) -> Any:
+  """Shapes, dtypes and shardings of a state: the target for a checkpoint restore."""
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+      if isinstance(x, jax.Array) else x, state)
+
+
+def is_finite(x) -> bool:
+  return bool(jnp.all(jnp.isfinite(x)))

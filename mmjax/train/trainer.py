@@ -1,0 +1,212 @@
+"""The training loop, top to bottom: data, model, state, resume, steps, logs, evals,
+checkpoints, summary.
+
+Running it again on a workdir that has checkpoints resumes exactly: the train state,
+the data iterator and the per-step rng (`fold_in(seed, step)`) all continue where the
+last checkpoint stopped, so the losses after the resume equal an uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from mmjax import models
+from mmjax.data import missing as missing_lib
+from mmjax.data import pipeline
+from mmjax.evals import evaluators as evaluators_lib
+from mmjax.train import checkpoint as ckpt_lib
+from mmjax.train import logging as log_lib
+from mmjax.train import mesh as mesh_lib
+from mmjax.train import objectives
+from mmjax.train import optimizer as opt_lib
+from mmjax.train import step as step_lib
+from mmjax.train import summary as summary_lib
+
+
+class NonFiniteLossError(FloatingPointError):
+  pass
+
+
+class _Preemption:
+  """Turns SIGTERM into a request to save and stop at the next step all processes
+  agree on (with several processes, JAX's preemption sync point decides the step)."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    if jax.process_count() == 1:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def reached(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self.requested
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def model_modalities(config) -> tuple[str, ...]:
+  return tuple(sorted(config.model.encoders.keys()))
+
+
+def check_config(config, mesh) -> None:
+  """Errors a user can fix in the config, raised before anything is built."""
+  produced = pipeline.source_modalities(config.data)
+  for m in model_modalities(config):
+    if m not in produced:
+      raise ValueError(f"model.encoders.{m}: the data ({config.data.kind}) produces no "
+                       f"modality {m!r}; it produces {sorted(produced)}")
+  num_data = mesh.shape["data"]
+  if config.batch_size % num_data:
+    raise ValueError(f"batch_size {config.batch_size} is not divisible by the {num_data} "
+                     f"devices of the mesh axis 'data'")
+  if config.batch_size % jax.process_count():
+    raise ValueError(f"batch_size {config.batch_size} is not divisible by the "
+                     f"{jax.process_count()} processes")
+  objectives.get(config.objective.kind)
+
+
+def make_featurize(config) -> pipeline.Featurize:
+  modalities = model_modalities(config)
+  missingness = missing_lib.Missingness.from_config(config.data.missing, modalities)
+  return pipeline.Featurize(modalities, config.data.text_max_len, missingness)
+
+
+def sample_batch(source, featurize, size: int = 1) -> dict:
+  rows = [featurize((i, source[i])) for i in range(size)]
+  return jax.tree.map(lambda *xs: np.stack(xs), *rows)
+
+
+def train_and_evaluate(config, workdir: str) -> dict[str, float]:
+  """Trains `config` in `workdir` (resuming if it has checkpoints). Returns the final
+  metrics."""
+  workdir = os.path.abspath(workdir)
+  mesh = mesh_lib.make_mesh(config.mesh)
+  check_config(config, mesh)
+  config_dict = json.loads(config.to_json_best_effort())
+
+  # Data.
+  featurize = make_featurize(config)
+  train_source = pipeline.make_source(config.data, "train")
+  train_data = pipeline.train_dataset(train_source, featurize, seed=config.seed,
+                                      global_batch_size=config.batch_size,
+                                      num_threads=config.data.num_threads)
+  data_iter = iter(train_data)
+
+  # Model, optimizer, state.
+  model = models.build(config.model)
+  tx = opt_lib.make_optimizer(config.optimizer, config.total_steps)
+  schedule = opt_lib.learning_rate_schedule(config.optimizer, config.total_steps)
+  rng = jax.random.key(config.seed)
+  init_rng, step_rng = jax.random.split(rng)
+  state = step_lib.create_train_state(model, tx, sample_batch(train_source, featurize),
+                                      init_rng, mesh)
+
+  # Resume.
+  manager = ckpt_lib.make_manager(workdir, keep=config.keep_checkpoints)
+  start_step = manager.latest_step() or 0
+  if start_step:
+    ckpt_lib.check_compatible(manager, start_step, config_dict, workdir)
+    state = ckpt_lib.restore(manager, start_step, step_lib.abstract_state(state), data_iter)
+    log_lib.truncate_metrics(workdir, start_step)
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      json.dump(config_dict, f, indent=2)
+
+  train_step = step_lib.make_train_step(model, objectives.get(config.objective.kind),
+                                        config.objective, mesh)
+  apply_fn = step_lib.make_apply_fn(model)
+  evaluators = evaluators_lib.build_evaluators(config.evals, config.eval_every_steps)
+
+  def evaluate(step: int, force: bool = False) -> dict[str, float]:
+    ctx = evaluators_lib.EvalContext(config=config, workdir=workdir, mesh=mesh,
+                                     params=state.params, apply_fn=apply_fn,
+                                     featurize=featurize, step=step)
+    return evaluators_lib.run_evaluators(ctx, evaluators, force=force)
+
+  writer = log_lib.MetricWriter(workdir)
+  progress = log_lib.Progress(config.total_steps, start_step, every=config.log_every_steps)
+  if start_step:
+    progress.write(f"resumed from step {start_step} in {workdir}")
+  final_metrics: dict[str, float] = {}
+  started = time.time()
+  window_start, window_steps = time.perf_counter(), 0
+  previous = None    # (step, metrics) of the last step, checked one step late
+
+  def check_finite(step, metrics):
+    if not np.isfinite(float(metrics["loss"])):
+      last = manager.latest_step()
+      raise NonFiniteLossError(
+          f"non-finite loss {float(metrics['loss'])} at step {step}; stopped. The last good "
+          f"checkpoint (step {last}) is kept in {workdir}/checkpoints.")
+
+  with _Preemption() as preemption:
+    step = start_step
+    for step in range(start_step + 1, config.total_steps + 1):
+      batch = pipeline.to_global(next(data_iter), mesh)
+      state, metrics = train_step(state, batch, jax.random.fold_in(step_rng, step))
+      if previous is not None:
+        check_finite(*previous)
+      previous = (step, metrics)
+      window_steps += 1
+
+      is_last = step == config.total_steps
+      if step % config.log_every_steps == 0 or is_last:
+        check_finite(step, metrics)
+        elapsed = time.perf_counter() - window_start
+        row = {f"train/{k}": v for k, v in jax.device_get(metrics).items()}
+        row["train/learning_rate"] = float(schedule(step - 1))
+        row["train/steps_per_second"] = window_steps / max(elapsed, 1e-9)
+        writer.write(step, row)
+        progress.update(step, float(row["train/loss"]), row["train/steps_per_second"])
+        final_metrics.update(row)
+        window_start, window_steps = time.perf_counter(), 0
+      else:
+        progress.update(step)
+
+      eval_metrics = evaluate(step, force=is_last)
+      if eval_metrics:
+        writer.write(step, eval_metrics)
+        final_metrics.update(eval_metrics)
+        progress.write(_format_eval(step, eval_metrics))
+
+      preempted = preemption.reached(step)
+      if step % config.checkpoint_every_steps == 0 or is_last or preempted:
+        check_finite(step, metrics)
+        ckpt_lib.save(manager, step, state, data_iter, config_dict, force=is_last or preempted)
+      if preempted:
+        manager.wait_until_finished()
+        progress.write(f"preempted: saved step {step}; rerun the same command to resume")
+        break
+
+  manager.wait_until_finished()
+  progress.close()
+  writer.close()
+  if step == config.total_steps and jax.process_index() == 0:
+    summary_lib.write_summary(workdir, config, final_metrics,
+                              wall_time=time.time() - started, start_step=start_step)
+  return final_metrics
+
+
+def _format_eval(step: int, metrics: dict[str, float]) -> str:
+  keys = [k for k in metrics if k.endswith("/R@1") or k.endswith("/accuracy")]
+  shown = ", ".join(f"{k.removeprefix('eval/')}={metrics[k]:.3f}" for k in keys[:6])
+  return f"eval at step {step}: {shown}"
