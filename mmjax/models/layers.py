@@ -1,0 +1,236 @@
+"""Transformer building blocks shared by every mmjax encoder.
+
+All blocks are pre-LayerNorm (as in ViT, CLIP and AST). Compute runs in
+`dtype` (e.g. bfloat16) while parameters stay in float32.
+
+The block stack (`TransformerStack`) has two performance switches:
+
+- `remat`: each block is wrapped in `nn.remat`, so its activations are
+  recomputed in the backward pass instead of stored.
+- `scan_layers`: the blocks are one `nn.scan` over a stacked parameter tree,
+  so the block is traced and compiled once whatever the depth.
+
+Parameter layouts: unscanned, block i lives under `block_{i}`; scanned, all
+blocks live under `blocks` with a leading depth axis on every leaf.
+"""
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+
+# Weight initialisers used by every block (the ViT/big_vision convention).
+DENSE_INIT = nn.initializers.xavier_uniform()
+BIAS_INIT = nn.initializers.normal(stddev=1e-6)
+
+
+def is_concrete(x) -> bool:
+  """True when `x` holds values (not a tracer inside jit/grad/vmap)."""
+  return not isinstance(x, jax.core.Tracer)
+
+
+def drop_path(x: jax.Array, rate, rng: jax.Array) -> jax.Array:
+  """Stochastic depth: zeroes whole examples of a residual branch.
+
+  Args:
+    x: residual branch output [B, ...].
+    rate: probability of dropping the branch for one example (a Python float
+      or a scalar array, so scanned stacks can feed one rate per layer).
+    rng: PRNG key.
+
+  Returns:
+    `x` with each example kept with probability 1 - rate and scaled by
+    1 / (1 - rate), so the expectation is unchanged.
+  """
+  keep = 1.0 - jnp.asarray(rate, jnp.float32)
+  kept = jax.random.bernoulli(rng, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+  # keep is > 0 whenever a branch can be kept; guard the division for rate=1.
+  scale = jnp.where(keep > 0, 1.0 / jnp.maximum(keep, 1e-6), 0.0)
+  return jnp.where(kept, x * scale.astype(x.dtype), jnp.zeros_like(x))
+
+
+class MlpBlock(nn.Module):
+  """Two-layer GELU MLP: [..., D] -> [..., mlp_dim] -> [..., D]."""
+  mlp_dim: int
+  dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+    width = x.shape[-1]
+    y = nn.Dense(self.mlp_dim, dtype=self.dtype, kernel_init=DENSE_INIT,
+                 bias_init=BIAS_INIT, name='fc1')(x)
+    y = nn.gelu(y)
+    y = nn.Dropout(self.dropout)(y, deterministic=deterministic)
+    return nn.Dense(width, dtype=self.dtype, kernel_init=DENSE_INIT,
+                    bias_init=BIAS_INIT, name='fc2')(y)
+
+
+class EncoderBlock(nn.Module):
+  """One pre-LN transformer block: x + Attn(LN(x)); x + MLP(LN(x)).
+
+  Attributes:
+    num_heads: attention heads (width must be divisible by it).
+    mlp_dim: hidden width of the MLP.
+    dropout: dropout rate on the attention output and inside/after the MLP.
+    attn_dropout: dropout rate on the attention weights.
+    use_drop_path: apply stochastic depth with the per-call `rate`.
+    deterministic: disables dropout and stochastic depth (eval mode).
+    scanned: return `(x, None)` as `nn.scan` expects a (carry, out) pair.
+    dtype: compute dtype.
+  """
+  num_heads: int
+  mlp_dim: int
+  dropout: float = 0.0
+  attn_dropout: float = 0.0
+  use_drop_path: bool = False
+  deterministic: bool = True
+  scanned: bool = False
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: Optional[jax.Array], rate):
+    """Applies the block.
+
+    Args:
+      x: tokens [B, L, D].
+      mask: attention mask broadcastable to [B, heads, L, L] (True = may
+        attend), or None.
+      rate: stochastic-depth rate of this block (float or scalar array).
+
+    Returns:
+      [B, L, D] (or `([B, L, D], None)` when `scanned`).
+    """
+    y = nn.LayerNorm(dtype=self.dtype, name='ln_attn')(x)
+    y = nn.MultiHeadDotProductAttention(
+        num_heads=self.num_heads, dtype=self.dtype, kernel_init=DENSE_INIT,
+        dropout_rate=self.attn_dropout, name='attn')(
+            y, y, mask=mask, deterministic=self.deterministic)
+    y = nn.Dropout(self.dropout)(y, deterministic=self.deterministic)
+    if self.use_drop_path and not self.deterministic:
+      y = drop_path(y, rate, self.make_rng('dropout'))
+    x = x + y
+
+    y = nn.LayerNorm(dtype=self.dtype, name='ln_mlp')(x)
+    y = MlpBlock(self.mlp_dim, self.dropout, self.dtype, name='mlp')(
+        y, self.deterministic)
+    y = nn.Dropout(self.dropout)(y, deterministic=self.deterministic)
+    if self.use_drop_path and not self.deterministic:
+      y = drop_path(y, rate, self.make_rng('dropout'))
+    x = x + y
+    return (x, None) if self.scanned else x
+
+
+class TransformerStack(nn.Module):
+  """`depth` encoder blocks followed by a final LayerNorm.
+
+  Stochastic depth grows linearly from 0 at the first block to `drop_path`
+  at the last one.
+
+  Attributes:
+    depth, num_heads, mlp_dim: architecture.
+    dropout, attn_dropout, drop_path: regularisation rates.
+    dtype: compute dtype (params stay float32).
+    remat: recompute each block's activations in the backward pass.
+    scan_layers: one `nn.scan` over the blocks (flat compile time in depth).
+  """
+  depth: int
+  num_heads: int
+  mlp_dim: int
+  dropout: float = 0.0
+  attn_dropout: float = 0.0
+  drop_path: float = 0.0
+  dtype: Dtype = jnp.float32
+  remat: bool = False
+  scan_layers: bool = False
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None, *,
+               train: bool = False) -> jax.Array:
+    """Runs the blocks on tokens [B, L, D]; returns normalised [B, L, D]."""
+    if x.shape[-1] % self.num_heads:
+      raise ValueError(
+          f'width {x.shape[-1]} is not divisible by num_heads={self.num_heads}')
+    block_cls = EncoderBlock
+    if self.remat:
+      # Inside scan the loop body already blocks CSE across iterations.
+      block_cls = nn.remat(EncoderBlock, prevent_cse=not self.scan_layers)
+    block_kwargs = dict(
+        num_heads=self.num_heads, mlp_dim=self.mlp_dim, dropout=self.dropout,
+        attn_dropout=self.attn_dropout, use_drop_path=self.drop_path > 0,
+        deterministic=not train, dtype=self.dtype)
+    rates = np.linspace(0.0, self.drop_path, self.depth, dtype=np.float32)
+    if self.scan_layers:
+      scanned = nn.scan(
+          block_cls, variable_axes={'params': 0},
+          split_rngs={'params': True, 'dropout': True},
+          in_axes=(nn.broadcast, 0), length=self.depth)
+      x, _ = scanned(scanned=True, name='blocks', **block_kwargs)(
+          x, mask, jnp.asarray(rates))
+    else:
+      for i in range(self.depth):
+        x = block_cls(name=f'block_{i}', **block_kwargs)(
+            x, mask, float(rates[i]))
+    return nn.LayerNorm(dtype=self.dtype, name='encoder_norm')(x)
+
+
+class MAPHead(nn.Module):
+  """Multihead attention pooling: a learned probe attends over the tokens.
+
+  [B, L, D] -> [B, D]. The probe's attention output gets a residual MLP
+  (pre-LN), as in the attention-pooling heads of SigLIP/big_vision.
+  """
+  num_heads: int
+  mlp_dim: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None
+               ) -> jax.Array:
+    """x: [B, L, D]; mask: [B, L] bool (True = token may be attended)."""
+    batch, _, width = x.shape
+    probe = self.param('probe', nn.initializers.xavier_uniform(),
+                       (1, 1, width), jnp.float32)
+    probe = jnp.broadcast_to(probe.astype(self.dtype), (batch, 1, width))
+    attn_mask = None if mask is None else mask[:, None, None, :]
+    y = nn.MultiHeadDotProductAttention(
+        num_heads=self.num_heads, dtype=self.dtype, kernel_init=DENSE_INIT,
+        name='attn')(probe, x, mask=attn_mask, deterministic=True)
+    z = nn.LayerNorm(dtype=self.dtype, name='ln')(y)
+    y = y + MlpBlock(self.mlp_dim, dtype=self.dtype, name='mlp')(z, True)
+    return y[:, 0]
+
+
+def padding_attention_mask(valid: jax.Array, causal: bool) -> jax.Array:
+  """Builds an attention mask from per-token validity.
+
+  Args:
+    valid: [B, L] bool, True for tokens that may be attended to.
+    causal: also forbid attending to later positions.
+
+  Returns:
+    [B, 1, L, L] bool, True where query i may attend to key j.
+  """
+  mask = jnp.broadcast_to(valid[:, None, None, :],
+                          (valid.shape[0], 1, valid.shape[1], valid.shape[1]))
+  if causal:
+    length = valid.shape[1]
+    mask = mask & jnp.tril(jnp.ones((length, length), bool))[None, None]
+  return mask
+
+
+def masked_mean(x: jax.Array, valid: jax.Array) -> jax.Array:
+  """Mean over axis 1 of x [B, L, D] counting only valid [B, L] tokens."""
+  weights = valid.astype(x.dtype)[..., None]
+  count = jnp.maximum(weights.sum(axis=1), 1.0)
+  return (x * weights).sum(axis=1) / count
+
+
+def check_dropout_rates(**rates):
+  """Raises ValueError for a rate outside [0, 1)."""
+  for name, rate in rates.items():
+    if not 0.0 <= rate < 1.0:
+      raise ValueError(f'{name}={rate} must be in [0, 1)')

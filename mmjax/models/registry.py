@@ -1,0 +1,126 @@
+"""Encoder registry: `build_encoder(kind, variant, **overrides)`.
+
+Variants name an architecture size. Transformer sizes follow ViT (Ti, S, B,
+L) and CLIP's text towers (B, L); 'mu' is a micro size for minutes-long CPU
+training on 32x32 images and short byte-level captions. A ViT variant may
+carry its patch size after a slash ('B/16'); `build_encoder('vit', 'B')`
+uses patch 16.
+"""
+import dataclasses
+from typing import Any, Dict, Optional, Tuple
+
+import flax.linen as nn
+
+from mmjax.models import text as text_lib
+from mmjax.models import vit as vit_lib
+
+# ViT sizes (Dosovitskiy et al. 2021; Ti/S from DeiT): width, depth, heads;
+# MLP is 4 x width.
+_VIT_SIZES = {
+    'mu': dict(width=128, depth=2, num_heads=4),
+    'Ti': dict(width=192, depth=12, num_heads=3),
+    'S': dict(width=384, depth=12, num_heads=6),
+    'B': dict(width=768, depth=12, num_heads=12),
+    'L': dict(width=1024, depth=24, num_heads=16),
+}
+
+# Text towers: CLIP's B and L (vocabulary 49,408 and 77 positions), and the
+# micro size for the byte tokenizer (vocabulary 259).
+_TEXT_SIZES = {
+    'mu': dict(width=128, depth=2, num_heads=4, vocab_size=259, max_len=128),
+    'S': dict(width=384, depth=12, num_heads=6, vocab_size=49408, max_len=77),
+    'B': dict(width=512, depth=12, num_heads=8, vocab_size=49408, max_len=77),
+    'L': dict(width=768, depth=12, num_heads=12, vocab_size=49408, max_len=77),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderSpec:
+  """A registered encoder kind: its module class, sizes and defaults."""
+  module: Any
+  sizes: Dict[str, Dict[str, Any]]
+  default_variant: str
+  # Extra fields set for a size when no patch is named, e.g. ViT pooling.
+  size_defaults: Dict[str, Dict[str, Any]] = dataclasses.field(
+      default_factory=dict)
+  # Name of the field a '/N' suffix sets, or None when not allowed.
+  patch_field: Optional[str] = None
+  default_patch: Dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+ENCODERS: Dict[str, EncoderSpec] = {
+    'vit': EncoderSpec(
+        module=vit_lib.ViT, sizes=_VIT_SIZES, default_variant='mu',
+        size_defaults={'mu': dict(pool='gap')},
+        patch_field='patch_size',
+        default_patch={'mu': 4, 'Ti': 16, 'S': 16, 'B': 16, 'L': 16}),
+    'text': EncoderSpec(
+        module=text_lib.TextTransformer, sizes=_TEXT_SIZES,
+        default_variant='mu'),
+}
+
+
+def _module_fields(module_cls) -> Tuple[str, ...]:
+  return tuple(f.name for f in dataclasses.fields(module_cls)
+               if f.name not in ('parent', 'name'))
+
+
+def variant_config(kind: str, variant: Optional[str] = None
+                   ) -> Dict[str, Any]:
+  """Returns the module fields a variant sets (before overrides)."""
+  if kind not in ENCODERS:
+    raise ValueError(
+        f'unknown encoder kind {kind!r}; valid kinds: {sorted(ENCODERS)}')
+  spec = ENCODERS[kind]
+  variant = spec.default_variant if variant is None else variant
+  size, sep, patch = str(variant).partition('/')
+  valid = ', '.join(spec.sizes)
+  if spec.patch_field:
+    valid += ' (optionally with a patch size after a slash, e.g. B/16)'
+  if size not in spec.sizes or (sep and not spec.patch_field):
+    raise ValueError(
+        f'unknown {kind} variant {variant!r}; valid variants: {valid}')
+  config = dict(spec.sizes[size])
+  config.update(spec.size_defaults.get(size, {}))
+  if spec.patch_field:
+    if sep:
+      if not patch.isdigit() or int(patch) <= 0:
+        raise ValueError(
+            f'unknown {kind} variant {variant!r}: patch size {patch!r} is not '
+            f'a positive integer; valid variants: {valid}')
+      config[spec.patch_field] = int(patch)
+    elif size in spec.default_patch:
+      config[spec.patch_field] = spec.default_patch[size]
+  return config
+
+
+def build_encoder(kind: str, variant: Optional[str] = None,
+                  **overrides) -> nn.Module:
+  """Builds an encoder module.
+
+  Args:
+    kind: one of `ENCODERS` ('vit', 'text', ...).
+    variant: a size name ('mu', 'Ti', 'S', 'B', 'L'; ViT also 'B/16');
+      None picks the kind's default variant ('mu').
+    **overrides: module fields that replace the variant's values (width,
+      depth, num_heads, mlp_dim, patch_size, pool, dropout, dtype, remat,
+      scan_layers, vocab_size, max_len, ...).
+
+  Returns:
+    An unbound flax.linen Module; its `width` field (and `output_width`
+    property) is the width of the pooled features it returns.
+
+  Raises:
+    ValueError: unknown kind, variant or override field (the message lists
+      the valid ones).
+  """
+  config = variant_config(kind, variant)
+  module_cls = ENCODERS[kind].module
+  fields = _module_fields(module_cls)
+  unknown = sorted(set(overrides) - set(fields))
+  if unknown:
+    raise ValueError(
+        f'unknown field(s) {unknown} for encoder kind {kind!r}; valid fields: '
+        f'{list(fields)}')
+  config.update(overrides)
+  return module_cls(**config)

@@ -1,0 +1,133 @@
+"""Text transformer over token ids (CLIP's text tower and smaller ones).
+
+Token conventions are module fields: `pad_id` marks padding and `eos_id`
+ends a sequence. A token takes part in attention and pooling when it is not
+padding and no earlier token is `eos_id`; so anything written after the
+first eos, or in the padding, never changes the output. The defaults are
+the project's byte tokenizer (pad 0, bos 1, eos 2, bytes 3..258, vocabulary
+259); for CLIP's BPE vocabulary pass `eos_id=49407`.
+"""
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mmjax.models import layers
+
+POOLS = ('eos', 'last', 'first', 'mean')
+
+
+def valid_tokens(tokens: jax.Array, pad_id: int, eos_id: int) -> jax.Array:
+  """[B, L] bool: not padding, and no eos strictly before the position."""
+  is_eos = tokens == eos_id
+  eos_before = jnp.cumsum(is_eos, axis=1) - is_eos
+  return (tokens != pad_id) & (eos_before == 0)
+
+
+class TextTransformer(nn.Module):
+  """Transformer text encoder.
+
+  Attributes:
+    vocab_size: number of token ids; inputs must lie in [0, vocab_size).
+    max_len: size of the learned position table (longest input).
+    width, depth, num_heads: architecture.
+    mlp_dim: MLP hidden width (None: 4 * width).
+    causal: causal attention (CLIP) or bidirectional.
+    pool: 'eos'/'last' (the last valid token, i.e. the first eos when the
+      sequence has one), 'first' (position 0) or 'mean' (over valid tokens).
+    pad_id, eos_id: token conventions (see the module docstring).
+    dropout, attn_dropout, drop_path: regularisation rates.
+    dtype: compute dtype (params stay float32).
+    remat, scan_layers: see `layers.TransformerStack`.
+  """
+  vocab_size: int = 259
+  max_len: int = 128
+  width: int = 128
+  depth: int = 2
+  num_heads: int = 4
+  mlp_dim: Any = None
+  causal: bool = True
+  pool: str = 'eos'
+  pad_id: int = 0
+  eos_id: int = 2
+  dropout: float = 0.0
+  attn_dropout: float = 0.0
+  drop_path: float = 0.0
+  dtype: Any = jnp.float32
+  remat: bool = False
+  scan_layers: bool = False
+
+  @property
+  def output_width(self) -> int:
+    return self.width
+
+  def _check(self, tokens: jax.Array):
+    if self.pool not in POOLS:
+      raise ValueError(f'pool={self.pool!r} is not one of {POOLS}')
+    layers.check_dropout_rates(dropout=self.dropout,
+                               attn_dropout=self.attn_dropout,
+                               drop_path=self.drop_path)
+    for name in ('pad_id', 'eos_id'):
+      value = getattr(self, name)
+      if not 0 <= value < self.vocab_size:
+        raise ValueError(
+            f'{name}={value} is outside the vocabulary [0, {self.vocab_size})')
+    if tokens.ndim != 2:
+      raise ValueError(
+          f'text encoder expects token ids [B, L]; got shape {tokens.shape}')
+    if not jnp.issubdtype(tokens.dtype, jnp.integer):
+      raise ValueError(
+          f'text encoder expects integer token ids; got dtype {tokens.dtype}')
+    if tokens.shape[1] > self.max_len:
+      raise ValueError(
+          f'token sequence length {tokens.shape[1]} exceeds the position '
+          f'table max_len={self.max_len}')
+    if layers.is_concrete(tokens) and tokens.size:
+      values = np.asarray(tokens)
+      low, high = int(values.min()), int(values.max())
+      if low < 0 or high >= self.vocab_size:
+        raise ValueError(
+            f'token ids must lie in [0, {self.vocab_size}); got range '
+            f'[{low}, {high}]')
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array, *, train: bool = False) -> jax.Array:
+    """Encodes token ids.
+
+    Args:
+      tokens: int [B, L] with L <= max_len.
+      train: enables dropout and stochastic depth (rng stream 'dropout').
+
+    Returns:
+      float32 features [B, width].
+    """
+    self._check(tokens)
+    length = tokens.shape[1]
+    valid = valid_tokens(tokens, self.pad_id, self.eos_id)
+    x = nn.Embed(self.vocab_size, self.width,
+                 embedding_init=nn.initializers.normal(stddev=0.02),
+                 dtype=self.dtype, name='token_embedding')(tokens)
+    pos = self.param('pos_embedding', nn.initializers.normal(stddev=0.01),
+                     (self.max_len, self.width), jnp.float32)
+    x = x + pos[:length].astype(x.dtype)[None]
+    x = nn.Dropout(self.dropout)(x, deterministic=not train)
+
+    mask = layers.padding_attention_mask(valid, self.causal)
+    x = layers.TransformerStack(
+        depth=self.depth, num_heads=self.num_heads,
+        mlp_dim=self.mlp_dim or 4 * self.width, dropout=self.dropout,
+        attn_dropout=self.attn_dropout, drop_path=self.drop_path,
+        dtype=self.dtype, remat=self.remat, scan_layers=self.scan_layers,
+        name='encoder')(x, mask, train=train)
+
+    if self.pool in ('eos', 'last'):
+      positions = jnp.arange(length)[None, :]
+      last = jnp.max(jnp.where(valid, positions, 0), axis=1)
+      out = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
+    elif self.pool == 'first':
+      out = x[:, 0]
+    else:
+      out = layers.masked_mean(x, valid)
+    return out.astype(jnp.float32)

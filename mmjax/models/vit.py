@@ -1,0 +1,140 @@
+"""Vision Transformer for images [B, H, W, C] and videos [B, T, H, W, C].
+
+Images are cut into non-overlapping p x p patches; videos into t x p x p
+tubelets (ViViT's tubelet embedding). Tokens get a learned position
+embedding and go through a pre-LN transformer; the output is one pooled
+feature vector per example.
+"""
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mmjax.models import layers
+
+POOLS = ('cls', 'gap', 'map')
+
+
+class ViT(nn.Module):
+  """Vision Transformer encoder.
+
+  Attributes:
+    width: token width D (= output feature width).
+    depth: number of transformer blocks.
+    num_heads: attention heads.
+    mlp_dim: MLP hidden width (None: 4 * width).
+    patch_size: spatial patch size p.
+    tubelet: temporal patch size t for video input.
+    channels: expected channel count C of the input.
+    pool: 'cls' (class token), 'gap' (mean of tokens) or 'map'
+      (multihead attention pooling with a learned probe).
+    dropout: dropout on the embeddings and inside the blocks.
+    attn_dropout: dropout on attention weights.
+    drop_path: stochastic-depth rate of the last block (linear from 0).
+    dtype: compute dtype (params stay float32).
+    remat, scan_layers: see `layers.TransformerStack`.
+  """
+  width: int = 128
+  depth: int = 2
+  num_heads: int = 4
+  mlp_dim: Any = None
+  patch_size: int = 4
+  tubelet: int = 2
+  channels: int = 3
+  pool: str = 'cls'
+  dropout: float = 0.0
+  attn_dropout: float = 0.0
+  drop_path: float = 0.0
+  dtype: Any = jnp.float32
+  remat: bool = False
+  scan_layers: bool = False
+
+  @property
+  def output_width(self) -> int:
+    return self.width
+
+  def _check(self, x: jax.Array):
+    if self.pool not in POOLS:
+      raise ValueError(f'pool={self.pool!r} is not one of {POOLS}')
+    layers.check_dropout_rates(dropout=self.dropout,
+                               attn_dropout=self.attn_dropout,
+                               drop_path=self.drop_path)
+    if x.ndim not in (4, 5):
+      raise ValueError(
+          f'ViT expects images [B,H,W,C] or videos [B,T,H,W,C]; got shape '
+          f'{x.shape} (rank {x.ndim})')
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      raise ValueError(f'ViT expects float pixels; got dtype {x.dtype}')
+    if x.shape[-1] != self.channels:
+      raise ValueError(
+          f'ViT expects {self.channels} channels (last axis); got shape '
+          f'{x.shape}')
+    height, width = x.shape[-3], x.shape[-2]
+    if height % self.patch_size or width % self.patch_size:
+      raise ValueError(
+          f'image size {height}x{width} is not divisible by patch_size='
+          f'{self.patch_size}')
+    if x.ndim == 5 and x.shape[1] % self.tubelet:
+      raise ValueError(
+          f'video length {x.shape[1]} is not divisible by tubelet='
+          f'{self.tubelet}')
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    """Encodes images or videos.
+
+    Args:
+      x: float images [B, H, W, C] or videos [B, T, H, W, C]; H and W
+        divisible by `patch_size`, T by `tubelet`.
+      train: enables dropout and stochastic depth (rng stream 'dropout').
+
+    Returns:
+      float32 features [B, width].
+    """
+    self._check(x)
+    p = self.patch_size
+    if x.ndim == 4:
+      kernel = (p, p)
+    else:
+      kernel = (self.tubelet, p, p)
+    x = nn.Conv(self.width, kernel, strides=kernel, padding='VALID',
+                dtype=self.dtype, name='embedding')(x)
+    batch = x.shape[0]
+    grid = x.shape[1:-1]
+    x = x.reshape(batch, -1, self.width)
+
+    if self.pool == 'cls':
+      cls = self.param('cls', nn.initializers.zeros, (1, 1, self.width),
+                       jnp.float32)
+      x = jnp.concatenate(
+          [jnp.broadcast_to(cls.astype(x.dtype), (batch, 1, self.width)), x],
+          axis=1)
+    num_tokens = x.shape[1]
+    if self.has_variable('params', 'pos_embedding'):
+      table_shape = self.get_variable('params', 'pos_embedding').shape
+      if table_shape[1] != num_tokens:
+        raise ValueError(
+            f'input grid {grid} gives {num_tokens} tokens but the position '
+            f'table was initialised for {table_shape[1]}; use the image size '
+            f'(and video length) the model was initialised with')
+    pos = self.param('pos_embedding', nn.initializers.normal(stddev=0.02),
+                     (1, num_tokens, self.width), jnp.float32)
+    x = x + pos.astype(x.dtype)
+    x = nn.Dropout(self.dropout)(x, deterministic=not train)
+
+    mlp_dim = self.mlp_dim or 4 * self.width
+    x = layers.TransformerStack(
+        depth=self.depth, num_heads=self.num_heads, mlp_dim=mlp_dim,
+        dropout=self.dropout, attn_dropout=self.attn_dropout,
+        drop_path=self.drop_path, dtype=self.dtype, remat=self.remat,
+        scan_layers=self.scan_layers, name='encoder')(x, train=train)
+
+    if self.pool == 'cls':
+      out = x[:, 0]
+    elif self.pool == 'gap':
+      out = x.mean(axis=1)
+    else:
+      out = layers.MAPHead(self.num_heads, mlp_dim, self.dtype,
+                           name='map_head')(x)
+    return out.astype(jnp.float32)
