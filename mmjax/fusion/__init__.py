@@ -1,1 +1,25 @@
-"""mmjax.fusion."""
+"""mmjax.fusion: combine the present modalities into one joint representation.
+
+Every module: `fuse = build_fusion(kind, **config)`, then
+`joint, aux = fuse.apply(variables, features, mask, train=..., rngs=...)` with
+features dict modality -> [B, D], mask dict modality -> bool [B] (True =
+present). joint is [B, D_out]; aux holds weighted auxiliary losses under
+'loss/<name>' (the trainer adds them all) and statistics under 'stats/<name>'.
+`late` returns task outputs directly (`produces_task_output`).
+"""
+from mmjax.fusion.attention import AttentionFusion, OvOFusion
+from mmjax.fusion.common import (check_mask, combination_index, masked_mean,
+                                 modality_dropout, stack_mask, stack_modalities)
+from mmjax.fusion.flexmoe import (FlexMoEFusion, MissingModalityBank, cv_squared,
+                                  importance_load_loss, num_combinations,
+                                  smooth_top_k_load, specialization_loss,
+                                  warmup_order)
+from mmjax.fusion.gated import (GatedFusion, curriculum_rate,
+                                entropy_curriculum_mask, gate_entropy)
+from mmjax.fusion.heads import TASK_KINDS, TaskHead, task_loss
+from mmjax.fusion.moe import (MoEFusion, SparseMoE, dispatch_and_combine,
+                              expert_capacity, load_balancing_loss,
+                              router_z_loss, top_k_routing)
+from mmjax.fusion.registry import (FUSION_KINDS, FUSION_MODULES, build_fusion,
+                                   fusion_config_fields)
+from mmjax.fusion.simple import ConcatFusion, LateFusion, MeanFusion

@@ -1,0 +1,221 @@
+"""Entropy-gated fusion after AECF (Chlon et al., "Robust Multimodal Learning
+via Entropy-Gated Contrastive Fusion", 2025).
+
+A small MLP gate looks at all (zero-filled) modality features and the
+presence bits and gives each sample a softmax over its *present* modalities,
+p[b, m] (exactly 0 for absent ones). The joint representation is the
+gate-weighted sum of per-modality projections.
+
+Collapse of the gate onto one modality is what makes a fusion layer brittle
+when that modality goes missing, so the gate's entropy H_b is rewarded with
+a coefficient adapted per instance:
+
+  H_b    = -sum_m p[b, m] log p[b, m]
+  Hn_b   = H_b / log(M_b)   normalised entropy in [0, 1]; M_b = present count
+  lam_b  = entropy_coeff * stop_gradient(1 - Hn_b)    (0 when M_b = 1)
+  loss/gate_entropy = -mean_b lam_b * H_b
+
+A confident (collapsed) gate gets the strongest push towards spreading its
+weight; an already uniform gate is left alone. The coefficient formula is
+this library's reading of the paper's per-instance adaptation.
+
+The paper's second training device is a masking curriculum driven by gate
+entropy: `entropy_curriculum_mask` is called by the trainer each step to
+sample extra masking, aimed at the modalities an over-confident gate leans
+on, at a rate that ramps up linearly over training. The paper's contrastive
+calibration term is not part of this module.
+"""
+from __future__ import annotations
+
+from typing import ClassVar, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mmjax.fusion import common
+from mmjax.fusion.heads import StackedDense
+
+Array = jax.Array
+
+
+def gate_entropy(probs: Array, present: Array) -> tuple[Array, Array]:
+  """Entropy of per-sample gate distributions over present modalities.
+
+  Args:
+    probs: [B, M] gate probabilities (0 on absent modalities).
+    present: bool [B, M].
+
+  Returns:
+    (entropy [B], normalised entropy [B] = entropy / log(present count), which
+    is defined as 1 when at most one modality is present).
+  """
+  safe = jnp.where(present & (probs > 0), probs, 1.0)
+  entropy = -jnp.sum(jnp.where(present, probs * jnp.log(safe), 0.0), axis=-1)
+  count = jnp.sum(present, axis=-1)
+  max_entropy = jnp.log(jnp.maximum(count, 2).astype(probs.dtype))
+  normalized = jnp.where(count > 1, entropy / max_entropy, 1.0)
+  return entropy, normalized
+
+
+class EntropyGate(nn.Module):
+  """Two-layer MLP gate: softmax over the present modalities.
+
+  Attributes:
+    hidden_dim: hidden width (default: D).
+    temperature: softmax temperature of the gate logits.
+    dropout_rate: dropout on the hidden layer (training only).
+  """
+  hidden_dim: int | None = None
+  temperature: float = 1.0
+  dropout_rate: float = 0.0
+
+  @nn.compact
+  def __call__(self, x: Array, present: Array, train: bool = False) -> Array:
+    """x [B, M, D] zero-filled, present bool [B, M] -> probabilities [B, M]."""
+    batch, num_modalities, width = x.shape
+    h = jnp.concatenate([x.reshape(batch, num_modalities * width),
+                         present.astype(x.dtype)], axis=-1)
+    h = nn.gelu(nn.Dense(self.hidden_dim or width, name="hidden")(h))
+    h = nn.Dropout(self.dropout_rate, deterministic=not train)(h)
+    logits = nn.Dense(num_modalities, name="logits")(h).astype(jnp.float32)
+    logits = jnp.where(present, logits / self.temperature, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1)
+    return jnp.where(present, probs, 0.0)
+
+
+class GatedFusion(nn.Module):
+  """Entropy-gated fusion (AECF): gate-weighted sum of modality projections.
+
+  aux (losses already weighted):
+    loss/gate_entropy          -mean_b lam_b * H_b (see module doc)
+    stats/gate_entropy         mean gate entropy (nats)
+    stats/gate_entropy_normalized  mean entropy / log(present count)
+    stats/gate_entropy_coeff   mean per-instance coefficient lam_b
+    stats/gate_weight          [M] mean gate weight of each modality over the
+                               samples where it is present (sorted-name order)
+
+  Attributes:
+    gate_hidden_dim: hidden width of the gate MLP (default: D).
+    temperature: gate softmax temperature.
+    entropy_coeff: the largest per-instance entropy coefficient.
+    project: apply a separate dense projection per modality before mixing
+      (False: mix the features themselves; requires out_dim None).
+    out_dim: output width (default: D).
+    dropout_rate: dropout in the gate (training only).
+    modalities: expected modality names, or None to accept any.
+  """
+  produces_task_output: ClassVar[bool] = False
+  gate_hidden_dim: int | None = None
+  temperature: float = 1.0
+  entropy_coeff: float = 0.1
+  project: bool = True
+  out_dim: int | None = None
+  dropout_rate: float = 0.0
+  modalities: Sequence[str] | None = None
+
+  def __post_init__(self):
+    if not self.temperature > 0:
+      raise ValueError(f"gated temperature must be > 0, got {self.temperature}")
+    if self.entropy_coeff < 0:
+      raise ValueError(f"gated entropy_coeff must be >= 0, got {self.entropy_coeff}")
+    if not self.project and self.out_dim is not None:
+      raise ValueError("gated out_dim needs project=True (without a projection "
+                       "the output width is the feature width)")
+    super().__post_init__()
+
+  def setup(self):
+    self.gate = EntropyGate(self.gate_hidden_dim, self.temperature,
+                            self.dropout_rate)
+    self.projection = StackedDense(self.out_dim) if self.project else None
+
+  def gate_probabilities(self, features: Mapping[str, Array],
+                         mask: Mapping[str, Array]) -> Array:
+    """Gate probabilities [B, M] (sorted-name order; 0 where absent).
+
+    For the trainer's curriculum: `module.apply(variables, features, mask,
+    method='gate_probabilities')`, then `entropy_curriculum_mask`.
+    """
+    _, x, present = common.stack_modalities(features, mask, self.modalities)
+    return self.gate(x, present, train=False)
+
+  def __call__(self, features: Mapping[str, Array], mask: Mapping[str, Array],
+               train: bool = False) -> tuple[Array, dict[str, Array]]:
+    """Returns joint [B, out_dim or D] and aux (see class doc)."""
+    _, x, present = common.stack_modalities(features, mask, self.modalities)
+    probs = self.gate(x, present, train=train)
+    values = x if self.projection is None else self.projection(x)
+    joint = jnp.einsum("bm,bmd->bd", probs.astype(values.dtype), values)
+
+    entropy, normalized = gate_entropy(probs, present)
+    coeff = self.entropy_coeff * jax.lax.stop_gradient(1.0 - normalized)
+    present_f = present.astype(jnp.float32)
+    aux = {
+        "loss/gate_entropy": -jnp.mean(coeff * entropy),
+        "stats/gate_entropy": jnp.mean(entropy),
+        "stats/gate_entropy_normalized": jnp.mean(normalized),
+        "stats/gate_entropy_coeff": jnp.mean(coeff),
+        "stats/gate_weight": (jnp.sum(probs * present_f, axis=0)
+                              / jnp.maximum(jnp.sum(present_f, axis=0), 1.0)),
+        "stats/num_present": jnp.mean(jnp.sum(present_f, axis=1)),
+    }
+    return joint, aux
+
+
+def curriculum_rate(step, max_rate: float, ramp_steps: int) -> Array:
+  """Masking rate max_rate * min(1, step / ramp_steps) (a linear ramp)."""
+  if not 0.0 <= max_rate <= 1.0:
+    raise ValueError(f"curriculum max_rate must be in [0, 1], got {max_rate}")
+  if ramp_steps < 0:
+    raise ValueError(f"curriculum ramp_steps must be >= 0, got {ramp_steps}")
+  progress = jnp.minimum(1.0, jnp.asarray(step, jnp.float32) / max(ramp_steps, 1))
+  return max_rate * jnp.clip(progress, 0.0, 1.0)
+
+
+def entropy_curriculum_mask(mask: Mapping[str, Array] | Array, gate_probs: Array,
+                            rng: Array, *, step, max_rate: float = 0.5,
+                            ramp_steps: int = 1000, keep_at_least_one: bool = True):
+  """Samples extra training masking aimed at what an over-confident gate uses.
+
+  With rate r_t = curriculum_rate(step, max_rate, ramp_steps), normalised gate
+  entropy Hn_b and M_b present modalities, modality m of sample b is dropped
+  with probability
+
+    min(1, r_t * (1 - Hn_b) * M_b * p[b, m]).
+
+  A uniform gate (Hn_b = 1) gets no extra masking; a gate collapsed on one
+  modality has that modality dropped with probability min(1, r_t * M_b), which
+  forces the gate and the model to use the others. The trainer calls this
+  every training step, before the forward pass:
+
+    probs = fusion.apply(variables, features, mask, method='gate_probabilities')
+    mask = entropy_curriculum_mask(mask, probs, rng, step=step, ...)
+
+  Args:
+    mask: dict modality -> bool [B] (or bool [B, M]).
+    gate_probs: [B, M] gate probabilities in sorted-name order.
+    rng: PRNG key.
+    step: training step (int or int array).
+    max_rate: final rate r.
+    ramp_steps: steps of the linear ramp from 0 to max_rate.
+    keep_at_least_one: if every present modality of a sample was dropped, keep
+      the one the gate relied on least.
+
+  Returns:
+    The new mask (same structure as `mask`), a subset of the old one.
+  """
+  present = common.stack_mask(mask)
+  if gate_probs.shape != present.shape:
+    raise ValueError(f"gate_probs must have the mask's shape [B, M] = "
+                     f"{present.shape}, got {gate_probs.shape}")
+  rate = curriculum_rate(step, max_rate, ramp_steps)
+  probs = jnp.where(present, jax.lax.stop_gradient(gate_probs).astype(jnp.float32), 0)
+  probs = probs / jnp.maximum(jnp.sum(probs, axis=-1, keepdims=True), 1e-12)
+  _, normalized = gate_entropy(probs, present)
+  count = jnp.sum(present, axis=-1, keepdims=True).astype(jnp.float32)
+  drop_prob = jnp.clip(rate * (1.0 - normalized)[:, None] * count * probs, 0.0, 1.0)
+  u = jax.random.uniform(rng, present.shape)
+  keep = present & ~(u < drop_prob)
+  if keep_at_least_one:
+    keep = common.restore_one_present(keep, present, -probs)
+  return common.unstack_mask(keep, mask)
