@@ -51,7 +51,7 @@ def as_float_matrix(x, name: str, where: str) -> np.ndarray:
   if x.dtype == np.float64:
     out = x
   else:
-    out = x.astype(np.float32)
+    out = x.astype(np.float32, copy=False)
   if not np.all(np.isfinite(out)):
     raise ValueError(f"{where}: `{name}` contains NaN or Inf.")
   return out
@@ -134,10 +134,18 @@ def _block_ranks(query_block, match_index, target_tuples, score_fn):
 
 
 def _blocks_ranks(query_blocks, match_blocks, target_tuples, score_fn):
-  """lax.map of `_block_ranks` over [nb, b, D] query blocks -> [nb, b]."""
-  return jax.lax.map(
-      lambda qm: _block_ranks(qm[0], qm[1], target_tuples, score_fn),
-      (query_blocks, match_blocks))
+  """lax.map of `_block_ranks` over [nb, b, D] query blocks -> [nb, b].
+
+  A block made only of padding (match index -1) is skipped: its ranks are 0.
+  """
+  def one_block(qm):
+    query_block, match_index = qm
+    return jax.lax.cond(
+        match_index[0] >= 0,
+        lambda: _block_ranks(query_block, jnp.maximum(match_index, 0),
+                             target_tuples, score_fn),
+        lambda: jnp.zeros_like(match_index))
+  return jax.lax.map(one_block, (query_blocks, match_blocks))
 
 
 @functools.partial(jax.jit, static_argnames=("score_fn", "mesh"))
@@ -182,14 +190,17 @@ def _blocked_ranks(queries: np.ndarray, target_tuples: Sequence[np.ndarray],
   num_devices = _check_mesh(mesh, where)
   n, d = queries.shape
   # The block shape must not depend on the mesh, so that every device runs
-  # exactly the program mesh=None runs; only the number of blocks is padded.
+  # exactly the program mesh=None runs; only the number of blocks is padded
+  # (to a multiple of the device count), and padding blocks are skipped.
   block = min(block_size, n)
   num_blocks = -(-n // block)
   num_blocks = -(-num_blocks // num_devices) * num_devices
   padded = num_blocks * block
   query_blocks = np.zeros((padded, d), np.float32)
   query_blocks[:n] = queries
-  match = np.zeros((padded,), np.int32)
+  # Padding rows have match index -1; they sit at the end, so a block is all
+  # padding exactly when its first row is.
+  match = np.full((padded,), -1, np.int32)
   match[:n] = np.arange(n, dtype=np.int32)
   query_blocks = query_blocks.reshape(num_blocks, block, d)
   match = match.reshape(num_blocks, block)
@@ -216,7 +227,9 @@ def retrieval_ranks(queries, targets, *, normalize: bool = True, mesh=None,
     mesh: None, or a 1-D mesh with axis 'data' over which query blocks are
       sharded. The result is identical to mesh=None.
     block_size: queries scored at once per device; memory is about
-      4 * block_size * N bytes per device.
+      4 * block_size * N bytes per device. With a mesh, the ceil(N /
+      block_size) blocks are padded to a multiple of the device count, so a
+      block_size with ceil(N / block_size) a multiple of it balances best.
 
   Returns:
     int64 numpy array [N]; rank = #{j : s_ij >= s_ii} (pessimistic ties).
