@@ -115,6 +115,16 @@ def _neg_sq_distance_sum(query_block, tuples):
               for t in tuples)
 
 
+def _neg_gram_volume(query_block, tuples):
+  vectors = jnp.stack(
+      [jnp.broadcast_to(query_block[:, None], (query_block.shape[0],) +
+                        tuples[0].shape)] +
+      [jnp.broadcast_to(t[None], (query_block.shape[0],) + t.shape)
+       for t in tuples], axis=-2)  # [b, N, K+1, D]
+  gram = jnp.einsum("bnkd,bnld->bnkl", vectors, vectors)
+  return -jnp.sqrt(jnp.maximum(jnp.linalg.det(gram), 0.0))
+
+
 def test_joint_retrieval_sum_cosine_and_callable(pair, mesh8):
   q, t = pair
   rng = np.random.default_rng(2)
@@ -131,6 +141,16 @@ def test_joint_retrieval_sum_cosine_and_callable(pair, mesh8):
   custom = retrieval.joint_retrieval_ranks(
       q, [t, u], score=_neg_sq_distance_sum, block_size=BLOCK)
   np.testing.assert_array_equal(custom, _brute_ranks(sq))
+  # A volume score as GRAM defines it: sqrt(det) of the Gram matrix of
+  # (q_i, t_j, u_j); a smaller volume is a better match, so the score is -vol.
+  volume = retrieval.joint_retrieval_ranks(
+      q, [t, u], score=_neg_gram_volume, block_size=BLOCK)
+  gram = np.empty((N, N))
+  for i in range(N):
+    for j in range(N):
+      vectors = np.stack([qu[i], tu[j], uu[j]])
+      gram[i, j] = -np.sqrt(max(np.linalg.det(vectors @ vectors.T), 0.0))
+  np.testing.assert_array_equal(volume, _brute_ranks(gram))
   metrics = retrieval.joint_retrieval_metrics(q, [t, u], ks=(1, 5),
                                               block_size=BLOCK)
   assert metrics["R@1"] == pytest.approx(np.mean(expected == 1))
@@ -169,6 +189,9 @@ def test_retrieval_bad_input():
   with pytest.raises(ValueError, match="expected"):
     retrieval.joint_retrieval_metrics(x, [x], ks=(1,),
                                       score=lambda qb, tt: qb[:, 0])
+  with pytest.raises(ValueError, match="NaN scores for query 0"):
+    retrieval.joint_retrieval_metrics(
+        x, [x], ks=(1,), score=lambda qb, tt: jnp.sqrt(-(qb @ tt[0].T) ** 2))
   with pytest.raises(ValueError, match="max_k"):
     retrieval.recall_at_k_curve(np.array([1, 2]), 0)
   with pytest.raises(ValueError, match="1-based"):

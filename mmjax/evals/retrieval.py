@@ -119,7 +119,8 @@ def _block_ranks(query_block, match_index, target_tuples, score_fn):
     score_fn: (query_block, target_tuples) -> [b, N] scores.
 
   Returns:
-    [b] int32 ranks, 1-based, ties counted against the query.
+    [b] int32 ranks, 1-based, ties counted against the query; -1 for a query
+    with a NaN score, which has no rank.
   """
   scores = score_fn(query_block, target_tuples)
   expected = (query_block.shape[0], target_tuples[0].shape[0])
@@ -130,7 +131,8 @@ def _block_ranks(query_block, match_index, target_tuples, score_fn):
         f"[b, N] = {list(expected)}.")
   scores = scores.astype(jnp.float32)
   match_score = jnp.take_along_axis(scores, match_index[:, None], axis=1)
-  return jnp.sum(scores >= match_score, axis=1, dtype=jnp.int32)
+  ranks = jnp.sum(scores >= match_score, axis=1, dtype=jnp.int32)
+  return jnp.where(jnp.any(jnp.isnan(scores), axis=1), -1, ranks)
 
 
 def _blocks_ranks(query_blocks, match_blocks, target_tuples, score_fn):
@@ -212,7 +214,13 @@ def _blocked_ranks(queries: np.ndarray, target_tuples: Sequence[np.ndarray],
     targets = jax.device_put(targets, NamedSharding(mesh, P()))
   ranks = _ranks_program(query_blocks, match, targets, score_fn=score_fn,
                          mesh=mesh)
-  return np.asarray(ranks).reshape(-1)[:n].astype(np.int64)
+  ranks = np.asarray(ranks).reshape(-1)[:n].astype(np.int64)
+  if np.any(ranks < 1):
+    query = int(np.flatnonzero(ranks < 1)[0])
+    raise ValueError(
+        f"{where}: the score function gave NaN scores for query {query} "
+        f"(and {int(np.sum(ranks < 1)) - 1} others); ranks are undefined.")
+  return ranks
 
 
 def retrieval_ranks(queries, targets, *, normalize: bool = True, mesh=None,
