@@ -159,6 +159,15 @@ def test_eight_devices_match_one(loss_fn, mesh8):
   assert 0 < metrics1["accuracy"] < 1
 
 
+def test_siglip_ring_on_one_device_mesh(mesh1):
+  x, y = _pair(8, 6)
+  args = (x, y, jnp.float32(4.0), jnp.float32(-1.5))
+  (loss_mesh, _), grads_mesh = _on_mesh(_siglip, mesh1)(*args)
+  loss = _siglip_direct(*args)
+  _close(loss_mesh, loss)
+  _close(grads_mesh, _single(_siglip)(*args)[1])
+
+
 def test_siglip_ring_equals_all_gather(mesh8):
   x, y = _pair(3, 16)
   args = (x, y, jnp.float32(10.0), jnp.float32(-10.0))
@@ -170,8 +179,9 @@ def test_siglip_ring_equals_all_gather(mesh8):
   _close(ring_grads, gather_grads)
 
 
-@pytest.mark.parametrize("kind", ["clip", "siglip"])
-def test_trainer_pmean_of_param_grads_is_global_grad(kind, mesh8):
+@pytest.mark.parametrize("kind, check_vma", [("clip", True), ("siglip", True),
+                                             ("siglip", False)])
+def test_trainer_pmean_of_param_grads_is_global_grad(kind, check_vma, mesh8):
   """grad inside shard_map w.r.t. replicated params, then pmean = global grad."""
   x, y = _pair(4, 16)
   kw, kt = jax.random.split(jax.random.key(5))
@@ -190,7 +200,8 @@ def test_trainer_pmean_of_param_grads_is_global_grad(kind, mesh8):
 
   grads8 = jax.jit(jax.shard_map(per_device, mesh=mesh8,
                                  in_specs=(P(), P("data"), P("data")),
-                                 out_specs=P()))(params, x, y)
+                                 out_specs=P(), check_vma=check_vma))(
+                                     params, x, y)
   grads1 = jax.jit(jax.grad(loss), static_argnums=3)(params, x, y, None)
   _close(grads8, grads1)
 
@@ -200,21 +211,22 @@ def test_pairwise_with_anchor_and_all_pairs():
   emb = {m: _unit(k, (6, 4)) for m, k in zip(["text", "image", "audio"], keys)}
   scale = jnp.float32(3.0)
 
-  loss, metrics = align.pairwise_loss(emb, anchor="image", logit_scale=scale,
-                                      label_smoothing=0.1)
-  pair_losses = [align.clip_loss(emb[m], emb["image"], logit_scale=scale,
-                                 label_smoothing=0.1) for m in ("audio", "text")]
+  loss, metrics = jax.jit(lambda e: align.pairwise_loss(
+      e, anchor="image", logit_scale=scale, label_smoothing=0.1))(emb)
+  clip = jax.jit(lambda x, y: align.clip_loss(x, y, logit_scale=scale,
+                                              label_smoothing=0.1))
+  pair_losses = [clip(emb[m], emb["image"]) for m in ("audio", "text")]
   _close(loss, (pair_losses[0][0] + pair_losses[1][0]) / 2)
   _close(metrics["text->image/accuracy"], pair_losses[1][1]["x->y/accuracy"])
   _close(metrics["image->text/accuracy"], pair_losses[1][1]["y->x/accuracy"])
   _close(metrics["audio|image/loss"], pair_losses[0][0])
   assert "audio|text/loss" not in metrics
 
-  loss, metrics = align.pairwise_loss(emb, kind="siglip", logit_scale=scale,
-                                      logit_bias=-1.0)
+  loss, metrics = jax.jit(lambda e: align.pairwise_loss(
+      e, kind="siglip", logit_scale=scale, logit_bias=-1.0))(emb)
   pairs = [("audio", "image"), ("audio", "text"), ("image", "text")]
-  direct = [jax.jit(_siglip_direct)(emb[a], emb[b], scale, -1.0)
-            for a, b in pairs]
+  siglip_direct = jax.jit(_siglip_direct)
+  direct = [siglip_direct(emb[a], emb[b], scale, -1.0) for a, b in pairs]
   _close(loss, sum(direct) / 3)
   for (a, b), value in zip(pairs, direct):
     _close(metrics[f"{a}|{b}/loss"], value)

@@ -193,6 +193,42 @@ def test_gram_rings_on_eight_devices_match_one(mesh8):
   assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads8))
 
 
+@pytest.mark.parametrize("check_vma", [True, False])
+def test_trainer_pmean_of_param_grads_is_global_grad(check_vma, mesh8):
+  """grad inside shard_map w.r.t. replicated params, then pmean = global grad."""
+  emb = _embeddings(24, 16)
+  params = {"w": jnp.eye(6) + 0.1 * jax.random.normal(jax.random.key(25),
+                                                      (6, 6)),
+            "t": jnp.float32(1.5)}
+
+  def loss(params, emb, axis_name):
+    emb = {**emb, "image": emb["image"] @ params["w"]}
+    return align.gram_loss(emb, anchor="text", logit_scale=jnp.exp(params["t"]),
+                           axis_name=axis_name)[0]
+
+  def per_device(params, emb):
+    return jax.lax.pmean(jax.grad(loss)(params, emb, "data"), "data")
+
+  grads8 = jax.jit(jax.shard_map(per_device, mesh=mesh8,
+                                 in_specs=(P(), P("data")), out_specs=P(),
+                                 check_vma=check_vma))(params, emb)
+  grads1 = jax.jit(jax.grad(loss), static_argnums=2)(params, emb, None)
+  _close(grads8, grads1)
+
+
+def test_gram_ring_on_one_device_mesh(mesh1):
+  emb = _embeddings(26, 5)
+  sharded = jax.shard_map(
+      lambda e: align.gram_loss(e, anchor="text", logit_scale=3.0,
+                                axis_name="data")[0],
+      mesh=mesh1, in_specs=P("data"), out_specs=P())
+  loss, grads = jax.jit(jax.value_and_grad(sharded))(emb)
+  direct, direct_grads = jax.jit(jax.value_and_grad(
+      lambda e: _gram_loss_direct(e, "text", 3.0, 0.1, None)))(emb)
+  _close(loss, direct)
+  _close(grads, direct_grads, atol=1e-4, rtol=1e-4)
+
+
 def test_gram_loss_degenerate_gradients_finite():
   emb = _embeddings(23, 5)
   emb = {n: v.at[2].set(emb["text"][2]) for n, v in emb.items()}

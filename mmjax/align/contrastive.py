@@ -13,19 +13,21 @@ in device order):
   batch. It is typed invariant over `axis_name`, so it can leave `shard_map`
   with `out_specs=P()`, and so can every metric.
 * Gradients. Autodiff through the collectives (all_gather -> reduce-scatter,
-  ppermute -> reverse ppermute, psum of a per-device partial -> broadcast)
-  gives each device the gradient of the global loss with respect to its own
-  embeddings. The SigLIP ring has its own VJP that does the same explicitly.
-  Hence, with `shard_map`'s default `check_vma=True`:
+  ppermute -> reverse ppermute) gives each device the gradient of the global
+  loss with respect to its own embeddings; the SigLIP and GRAM rings have
+  their own VJPs that do the same explicitly. Hence:
     - `jax.grad` of the shard_mapped loss with respect to the global
       embeddings equals the single-device gradient;
-    - in a trainer that takes `jax.grad` inside `shard_map` with respect to
-      replicated (invariant) params, the result already is the full
-      global-batch gradient (autodiff sums the per-device contributions with a
-      psum because the params are broadcast to every device); a following
-      `jax.lax.pmean(grads, axis_name)` leaves it unchanged.
-  With `check_vma=False` JAX cannot tell replicated from per-device values and
-  these rules do not hold; the losses are meant for the default.
+    - a trainer that takes `jax.grad` of this per-device loss inside
+      `shard_map` with respect to replicated params and then applies
+      `jax.lax.pmean(grads, axis_name)` gets the global-batch gradient. With
+      `shard_map`'s default `check_vma=True`, the grads are already the
+      global gradient before the pmean (autodiff psums the contributions of
+      the devices, the params being broadcast to all of them) and the pmean
+      leaves them unchanged; with `check_vma=False` (pmap semantics, where
+      the transpose of psum is psum) each device holds n times its own
+      contribution and the pmean averages them into the same global
+      gradient. Both are tested.
 
 Bad shapes raise `ValueError`. NaN/Inf inputs raise `ValueError` when the
 inputs are concrete (eager calls); under `jit` they cannot be inspected and
