@@ -108,10 +108,12 @@ def ring_loop(step: Callable, axis_name, local, visiting, visiting_acc):
   `local` stays on the device (e.g. accumulators of its own samples),
   `visiting` is the travelling block itself (read only) and `visiting_acc`
   travels with it (accumulators of the visiting samples, e.g. their running
-  logsumexp or gradient). After the n-th step only `visiting_acc` takes one
-  more hop, which brings it back to the device the block started on. A device
-  thus holds its own data, one visiting block and their accumulators: memory
-  does not grow with n.
+  logsumexp or gradient). Every step ends with one hop; the n-th brings each
+  block and its accumulators back to the device it started on. (The block's
+  own last hop is redundant, one transfer in n, but a peeled last step
+  outside the loop would double the step's temporary buffers.) A device thus
+  holds its own data, one visiting block and their accumulators: memory does
+  not grow with n.
 
   Args:
     step: the per-step function described above; `origin` is a traced int32.
@@ -134,10 +136,8 @@ def ring_loop(step: Callable, axis_name, local, visiting, visiting_acc):
     return local, visiting, visiting_acc
 
   local, visiting, visiting_acc = jax.lax.fori_loop(
-      0, n - 1, body, (local, visiting, visiting_acc))
-  # The last step needs no onward copy of the block, only of its accumulator.
-  local, visiting_acc = step((me - (n - 1)) % n, local, visiting, visiting_acc)
-  return local, ring_shift(visiting_acc, axis_name)
+      0, n, body, (local, visiting, visiting_acc))
+  return local, visiting_acc
 
 
 def block_ids(origin, block_size: int) -> jax.Array:
