@@ -122,6 +122,10 @@ def clip_loss(x, y, *, logit_scale, label_smoothing=0.0, axis_name=None):
     `loss`, `accuracy` (mean of the two directions), `x->y/accuracy` and
     `y->x/accuracy` (fraction of rows whose positive logit beats every
     negative strictly), `mean_positive_similarity` (mean <x_i, y_i>).
+
+  Raises:
+    ValueError: x or y not [b, D] floating arrays of one shape, a non-scalar
+      logit_scale, label_smoothing outside [0, 1); NaN/Inf in concrete inputs.
   """
   _check_pair(x, y)
   label_smoothing = _util.check_label_smoothing(label_smoothing)
@@ -272,6 +276,10 @@ def siglip_loss(x, y, *, logit_scale, logit_bias, axis_name=None):
     `accuracy` (mean of the two directions), `x->y/accuracy`,
     `y->x/accuracy` (fraction of rows/columns whose positive logit beats every
     negative strictly), `mean_positive_similarity` (mean <x_i, y_i>).
+
+  Raises:
+    ValueError: x or y not [b, D] floating arrays of one shape, a non-scalar
+      logit_scale or logit_bias; NaN/Inf in concrete inputs.
   """
   _check_pair(x, y)
   dtype = _util.compute_dtype(x, y)
@@ -379,6 +387,12 @@ def pairwise_loss(embeddings: Mapping[str, jax.Array], *, anchor=None,
     (mean over pairs and directions), and per pair (x, y):
     `x|y/loss`, `x->y/accuracy`, `y->x/accuracy`,
     `x|y/mean_positive_similarity`.
+
+  Raises:
+    ValueError: fewer than two modalities, embeddings of different shapes, an
+      anchor not among them, an unknown kind, logit_bias missing for 'siglip'
+      or given for 'clip', label_smoothing given for 'siglip', and whatever
+      the pair loss rejects.
   """
   if not isinstance(embeddings, Mapping):
     raise ValueError(

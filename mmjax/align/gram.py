@@ -149,6 +149,11 @@ def gram_volume(anchor, others: Sequence[jax.Array], *, mask=None):
     [B1, B2] volumes sqrt(det G_ij), G_ij the Gram matrix of anchor[i] and the
     present vectors of tuple j. Values and gradients are finite when a tuple is
     degenerate (volume 0).
+
+  Raises:
+    ValueError: K = 0, arrays that are not [B, D] or differ in width, others
+      of different shapes, a mask of the wrong shape or dtype; on concrete
+      inputs also NaN/Inf values and a mask row with no True.
   """
   _util.check_embedding("anchor", anchor)
   if isinstance(others, (jax.Array, np.ndarray)) or not isinstance(
@@ -482,6 +487,13 @@ def gram_loss(embeddings: Mapping[str, jax.Array], *, anchor: str,
     `tuple->anchor/accuracy` (fraction of valid samples whose positive logit
     beats every valid negative strictly), `mean_positive_volume`,
     `valid_fraction`.
+
+  Raises:
+    ValueError: an anchor not among the embeddings, no other modality (K = 0),
+      embeddings of different shapes, masks of the wrong shape or dtype or
+      for unknown modalities, a non-scalar logit_scale, label_smoothing
+      outside [0, 1); on concrete inputs also NaN/Inf embeddings and a
+      sample with no modality present.
   """
   stats_fn = (_dense_stats if axis_name is None else
               functools.partial(_ring_stats_of_varying, axis_name=axis_name))
