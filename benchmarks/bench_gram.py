@@ -117,8 +117,8 @@ def run(batch, num_others, width, repeats, with_direct):
   for name in losses:
     print(f"  {name:7s} {seconds[name] * 1e3:9.1f} ms   "
           f"temp memory {memory[name] / mib:9.1f} MiB")
-  print(f"  mmjax / floor time:        {seconds['mmjax'] / seconds['floor']:.2f}"
-        "  (target <= 2.5)")
+  print(f"  mmjax / floor time:        "
+        f"{seconds['mmjax'] / seconds['floor']:.2f}  (target <= 2.5)")
   if with_direct:
     mmjax_value, mmjax_grads = compiled["mmjax"](anchor, others)
     direct_value, direct_grads = compiled["direct"](anchor, others)

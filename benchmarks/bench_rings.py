@@ -20,7 +20,8 @@ import time
 
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS",
                                                                ""):
-  raise SystemExit("Run with XLA_FLAGS=--xla_force_host_platform_device_count=8")
+  raise SystemExit(
+      "Run with XLA_FLAGS=--xla_force_host_platform_device_count=8")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -182,10 +182,9 @@ def test_siglip_ring_equals_all_gather(mesh8):
 @pytest.mark.parametrize("kind, check_vma", [("clip", True), ("siglip", True),
                                              ("siglip", False)])
 def test_trainer_pmean_of_param_grads_is_global_grad(kind, check_vma, mesh8):
-  """grad inside shard_map w.r.t. replicated params, then pmean = global grad."""
+  """grad in shard_map w.r.t. replicated params, then pmean = global grad."""
   x, y = _pair(4, 16)
-  kw, kt = jax.random.split(jax.random.key(5))
-  params = {"w": jax.random.normal(kw, (4, 4)) * 0.5,
+  params = {"w": jax.random.normal(jax.random.key(5), (4, 4)) * 0.5,
             "t": jnp.float32(math.log(5.0))}
 
   def loss(params, x, y, axis_name):

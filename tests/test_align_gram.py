@@ -1,4 +1,4 @@
-"""gram_volume and gram_loss: explicit Gram determinants, masks, rings, errors."""
+"""gram_volume and gram_loss: explicit Gram determinants, masks, rings."""
 
 import itertools
 
@@ -49,7 +49,8 @@ def test_masked_volume_equals_volume_of_present_subset():
                    if any(m)])
   volumes = jax.jit(align.gram_volume)(anchor, others, mask=mask)
   direct = np.array([
-      [_volume_direct([anchor[i]] + [o[j] for o, p in zip(others, present) if p])
+      [_volume_direct([anchor[i]] +
+                      [o[j] for o, p in zip(others, present) if p])
        for j, present in enumerate(mask)] for i in range(3)])
   _close(volumes, direct, atol=1e-5, rtol=0)
 
@@ -195,7 +196,7 @@ def test_gram_rings_on_eight_devices_match_one(mesh8):
 
 @pytest.mark.parametrize("check_vma", [True, False])
 def test_trainer_pmean_of_param_grads_is_global_grad(check_vma, mesh8):
-  """grad inside shard_map w.r.t. replicated params, then pmean = global grad."""
+  """grad in shard_map w.r.t. replicated params, then pmean = global grad."""
   emb = _embeddings(24, 16)
   params = {"w": jnp.eye(6) + 0.1 * jax.random.normal(jax.random.key(25),
                                                       (6, 6)),

@@ -45,7 +45,7 @@ def check_finite(name: str, x) -> None:
 
 
 def check_same_shape(named: dict[str, Any], what: str) -> None:
-  """Checks that all arrays in `named` have one shape; `what` names the group."""
+  """Checks that the arrays in `named` share one shape; `what` names them."""
   shapes = {name: tuple(x.shape) for name, x in named.items()}
   if len(set(shapes.values())) > 1:
     raise ValueError(
@@ -67,8 +67,9 @@ def as_scalar(name: str, value, dtype) -> jax.Array:
 
 def check_label_smoothing(label_smoothing) -> float:
   """Checks 0 <= label_smoothing < 1 and returns it as a Python float."""
-  if isinstance(label_smoothing, jax.Array) and not is_concrete(label_smoothing):
-    raise ValueError("label_smoothing must be a Python float, not a traced value.")
+  if isinstance(label_smoothing, jax.core.Tracer):
+    raise ValueError(
+        "label_smoothing must be a Python float, not a traced value.")
   value = float(label_smoothing)
   if not 0.0 <= value < 1.0:
     raise ValueError(f"label_smoothing must be in [0, 1), got {value}.")
@@ -160,7 +161,8 @@ def smoothed_cross_entropy(logits, positive_logit, label_smoothing: float):
   Returns:
     [R] per-row losses.
   """
-  loss = jax.nn.logsumexp(logits, axis=1) - (1.0 - label_smoothing) * positive_logit
+  loss = (jax.nn.logsumexp(logits, axis=1) -
+          (1.0 - label_smoothing) * positive_logit)
   if label_smoothing:
     loss = loss - label_smoothing * jnp.mean(logits, axis=1)
   return loss

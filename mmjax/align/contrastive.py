@@ -70,7 +70,7 @@ def _check_pair(x, y, names=("x", "y")):
 
 
 def _gather(x, axis_name):
-  """The global batch [n * b, ...] on every device (identity without an axis)."""
+  """The global batch [n * b, ...] on every device (x itself without axis)."""
   if axis_name is None:
     return x
   return jax.lax.all_gather(x, axis_name, tiled=True)
@@ -175,7 +175,7 @@ def _siglip_terms(logits, is_positive):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _siglip_ring(x, y, logit_scale, logit_bias, axis_name):
-  """Per-row SigLIP loss sums over the global batch, y blocks going round a ring.
+  """Per-row SigLIP loss sums over the global batch; y blocks go round a ring.
 
   Args:
     x, y: [b, D] local blocks (varying over `axis_name`).
