@@ -11,7 +11,10 @@ from typing import Any, Dict, Optional, Tuple
 
 import flax.linen as nn
 
+from mmjax.models import audio as audio_lib
+from mmjax.models import mlp as mlp_lib
 from mmjax.models import text as text_lib
+from mmjax.models import timeseries as timeseries_lib
 from mmjax.models import vit as vit_lib
 
 # ViT sizes (Dosovitskiy et al. 2021; Ti/S from DeiT): width, depth, heads;
@@ -31,6 +34,30 @@ _TEXT_SIZES = {
     'S': dict(width=384, depth=12, num_heads=6, vocab_size=49408, max_len=77),
     'B': dict(width=512, depth=12, num_heads=8, vocab_size=49408, max_len=77),
     'L': dict(width=768, depth=12, num_heads=12, vocab_size=49408, max_len=77),
+}
+
+# AST (Gong et al. 2021) is a DeiT-B over 128 mel bins and 16x16 patches;
+# the micro size uses 64 mel bins and 8x8 patches.
+_AUDIO_SIZES = {
+    'mu': dict(width=128, depth=2, num_heads=4, n_mels=64, patch_size=(8, 8)),
+    'Ti': dict(width=192, depth=12, num_heads=3, n_mels=128,
+               patch_size=(16, 16)),
+    'S': dict(width=384, depth=12, num_heads=6, n_mels=128,
+              patch_size=(16, 16)),
+    'B': dict(width=768, depth=12, num_heads=12, n_mels=128,
+              patch_size=(16, 16)),
+}
+
+_TIMESERIES_SIZES = {
+    'mu': dict(width=128, depth=2, num_heads=4),
+    'S': dict(width=384, depth=12, num_heads=6),
+    'B': dict(width=768, depth=12, num_heads=12),
+}
+
+_MLP_SIZES = {
+    'mu': dict(width=128, depth=2),
+    'S': dict(width=256, depth=3),
+    'B': dict(width=512, depth=4),
 }
 
 
@@ -57,6 +84,14 @@ ENCODERS: Dict[str, EncoderSpec] = {
     'text': EncoderSpec(
         module=text_lib.TextTransformer, sizes=_TEXT_SIZES,
         default_variant='mu'),
+    'audio': EncoderSpec(
+        module=audio_lib.AudioTransformer, sizes=_AUDIO_SIZES,
+        default_variant='mu'),
+    'timeseries': EncoderSpec(
+        module=timeseries_lib.TimeSeriesTransformer, sizes=_TIMESERIES_SIZES,
+        default_variant='mu'),
+    'mlp': EncoderSpec(
+        module=mlp_lib.TabularMLP, sizes=_MLP_SIZES, default_variant='mu'),
 }
 
 
@@ -99,7 +134,8 @@ def build_encoder(kind: str, variant: Optional[str] = None,
   """Builds an encoder module.
 
   Args:
-    kind: one of `ENCODERS` ('vit', 'text', ...).
+    kind: one of `ENCODERS`: 'vit' (images/videos), 'text', 'audio'
+      (waveforms or log-mel spectrograms), 'timeseries', 'mlp' (tabular).
     variant: a size name ('mu', 'Ti', 'S', 'B', 'L'; ViT also 'B/16');
       None picks the kind's default variant ('mu').
     **overrides: module fields that replace the variant's values (width,
