@@ -1,10 +1,17 @@
 """Masks, combinations, modality dropout, input checks, registry and task heads."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from mmjax import fusion
+
+
+def _key(seed):
+  # rbg keys: threefry kernels take seconds to compile on small CPU machines.
+  return jax.random.key(seed, impl="rbg")
 from mmjax.fusion import common
 
 
@@ -78,7 +85,8 @@ def test_modality_dropout_rate_subset_and_keep_one():
   batch = 4000
   mask = {m: jnp.ones(batch, bool) for m in "abc"}
   mask["c"] = mask["c"].at[: batch // 2].set(False)
-  out = fusion.modality_dropout(mask, 0.3, jax.random.key(0))
+  dropout = jax.jit(fusion.modality_dropout, static_argnames=("rate", "keep_at_least_one"))
+  out = dropout(mask, 0.3, _key(0))
   stacked_in, stacked_out = fusion.stack_mask(mask), fusion.stack_mask(out)
   assert not np.any(np.asarray(stacked_out & ~stacked_in))      # only ever removes
   assert np.all(np.asarray(stacked_out.any(axis=1)))             # never empties a row
@@ -87,19 +95,20 @@ def test_modality_dropout_rate_subset_and_keep_one():
   # came back: 0.3 - 0.3**3 / 3 = 0.291.
   dropped = 1 - np.asarray(stacked_out)[full].mean()
   assert abs(dropped - 0.291) < 0.02, dropped
-  same = fusion.modality_dropout(mask, 0.0, jax.random.key(1))
+  same = dropout(mask, 0.0, _key(1))
   np.testing.assert_array_equal(fusion.stack_mask(same), stacked_in)
   # Without the guard a high rate empties rows.
-  loose = fusion.modality_dropout(mask, 0.9, jax.random.key(2), keep_at_least_one=False)
+  loose = dropout(mask, 0.9, _key(2), keep_at_least_one=False)
   assert not np.all(np.asarray(fusion.stack_mask(loose).any(axis=1)))
   with pytest.raises(ValueError, match="rate must be in"):
-    fusion.modality_dropout(mask, 1.0, jax.random.key(0))
+    fusion.modality_dropout(mask, 1.0, _key(0))
 
 
 def test_modality_dropout_restores_uniformly_among_present():
   batch = 6000
   mask = {m: jnp.ones(batch, bool) for m in "abc"}
-  out = fusion.stack_mask(fusion.modality_dropout(mask, 0.95, jax.random.key(3)))
+  out = fusion.stack_mask(jax.jit(fusion.modality_dropout, static_argnames="rate")(
+      mask, 0.95, _key(3)))
   kept_counts = np.asarray(out).sum(axis=0) / batch
   np.testing.assert_allclose(kept_counts, kept_counts.mean(), atol=0.03)
 
@@ -133,17 +142,17 @@ def test_build_fusion_rejects_bad_values(kind, config, match):
     module = fusion.build_fusion(kind, **config)
     feats = {"a": jnp.ones((2, 4))}
     with pytest.raises(ValueError, match="num_classes must be >= 1"):
-      module.init(jax.random.key(0), feats, {"a": jnp.ones(2, bool)})
+      module.init(_key(0), feats, {"a": jnp.ones(2, bool)})
     return
   with pytest.raises(ValueError, match=match):
     fusion.build_fusion(kind, **config)
 
 
 def test_task_head_per_modality_matches_separate_heads():
-  x = jax.random.normal(jax.random.key(0), (5, 3, 4))
+  x = jax.random.normal(_key(0), (5, 3, 4))
   head = fusion.TaskHead(2, num_modalities=3)
-  variables = head.init(jax.random.key(1), x)
-  out = head.apply(variables, x)
+  variables = jax.jit(head.init)(_key(1), x)
+  out = jax.jit(head.apply)(variables, x)
   assert out.shape == (5, 3, 2)
   kernel = variables["params"]["out"]["kernel"]
   bias = variables["params"]["out"]["bias"]
@@ -157,17 +166,19 @@ def test_task_head_per_modality_matches_separate_heads():
 
 
 def test_task_loss_against_formulas():
-  logits = jnp.array([[2.0, 0.0, -1.0], [0.0, 1.0, 0.0]])
-  labels = jnp.array([0, 2])
-  log_probs = logits - jax.nn.logsumexp(logits, axis=1, keepdims=True)
+  logits_np = np.array([[2.0, 0.0, -1.0], [0.0, 1.0, 0.0]])
+  logits, labels = jnp.asarray(logits_np, jnp.float32), jnp.array([0, 2])
+  loss = jax.jit(fusion.task_loss, static_argnames="kind")
+  log_probs = logits_np - np.log(np.exp(logits_np).sum(1, keepdims=True))
   expected = -(log_probs[0, 0] + log_probs[1, 2]) / 2
-  np.testing.assert_allclose(fusion.task_loss(logits, labels), expected, rtol=1e-6)
-  targets = jnp.array([[1, 0, 1], [0, 0, 1]])
-  p = jax.nn.sigmoid(logits)
-  bce = -(targets * jnp.log(p) + (1 - targets) * jnp.log(1 - p)).mean()
-  np.testing.assert_allclose(fusion.task_loss(logits, targets, "multilabel"), bce, rtol=1e-5)
-  np.testing.assert_allclose(fusion.task_loss(logits, targets * 1.0, "regression"),
-                             ((logits - targets) ** 2).mean(), rtol=1e-6)
+  np.testing.assert_allclose(loss(logits, labels), expected, rtol=1e-6)
+  targets_np = np.array([[1, 0, 1], [0, 0, 1]])
+  targets = jnp.asarray(targets_np)
+  p = 1 / (1 + np.exp(-logits_np))
+  bce = -(targets_np * np.log(p) + (1 - targets_np) * np.log(1 - p)).mean()
+  np.testing.assert_allclose(loss(logits, targets, kind="multilabel"), bce, rtol=1e-5)
+  np.testing.assert_allclose(loss(logits, targets * 1.0, kind="regression"),
+                             ((logits_np - targets_np) ** 2).mean(), rtol=1e-6)
   with pytest.raises(ValueError, match="classification targets must be int"):
     fusion.task_loss(logits, labels.astype(jnp.float32))
   with pytest.raises(ValueError, match="targets must have the outputs' shape"):
