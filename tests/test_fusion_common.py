@@ -118,6 +118,9 @@ def test_build_fusion_rejects_unknown_kind_and_fields():
     fusion.build_fusion("sum")
   with pytest.raises(ValueError, match=r"has no config field\(s\) \['num_expert'\]"):
     fusion.build_fusion("moe", num_expert=4)
+  with pytest.raises(ValueError, match=r"'late' needs config field\(s\) \['num_classes'\]"):
+    fusion.build_fusion("late")
+  assert fusion.build_fusion(**{"kind": "moe", "num_experts": 3}).num_experts == 3
   module = fusion.build_fusion("attention", modalities=["b", "a"])
   assert module.modalities == ("b", "a")
   assert set(fusion.FUSION_KINDS) == {"concat", "mean", "late", "attention", "ovo",

@@ -113,16 +113,21 @@ def check_mask(mask: Mapping[str, Array] | Array, allow_none: bool = False) -> N
   Under `jax.jit` the mask values are abstract and nothing is checked: call this
   on the host batch (the data pipeline does) before the compiled step.
   """
-  present = stack_mask(mask)
+  names = tuple(sorted(mask)) if isinstance(mask, Mapping) else None
+  _check_present(stack_mask(mask), names, allow_none)
+
+
+def _check_present(present: Array, names: Sequence[str] | None,
+                   allow_none: bool) -> None:
   if allow_none or not is_concrete(present):
     return
   counts = np.asarray(present).sum(axis=1)
   empty = np.flatnonzero(counts == 0)
   if empty.size:
-    names = sorted(mask) if isinstance(mask, Mapping) else None
     raise ValueError(f"{empty.size} sample(s) have no modality present (batch "
                      f"rows {empty[:8].tolist()}{' ...' if empty.size > 8 else ''}"
-                     f"; modalities {names}); every sample needs at least one")
+                     f"; modalities {list(names) if names else None}); every "
+                     f"sample needs at least one")
 
 
 def stack_modalities(features: Mapping[str, Array], mask: Mapping[str, Array],
@@ -161,8 +166,7 @@ def stack_modalities(features: Mapping[str, Array], mask: Mapping[str, Array],
   if present.shape[0] != batch:
     raise ValueError(f"mask has batch size {present.shape[0]} but features have "
                      f"{batch}")
-  check_mask(present if not isinstance(mask, Mapping) else
-             {n: mask[n] for n in names}, allow_none=allow_none)
+  _check_present(present, names, allow_none)
   x = jnp.stack([jnp.asarray(features[name]) for name in names], axis=1)
   x = jnp.where(present[..., None], x, jnp.zeros((), x.dtype))
   return names, x, present

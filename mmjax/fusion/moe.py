@@ -272,8 +272,10 @@ class MoEFusion(nn.Module):
 
   aux (losses already weighted; the trainer adds every 'loss/*' entry):
     loss/moe_balance   balance_loss_weight * mean over MoE layers of the
-                       Switch balance loss
+                       Switch balance loss (on the routing probabilities,
+                       i.e. after router noise in training)
     loss/moe_router_z  z_loss_weight * mean over layers of the router z-loss
+                       (on the clean router logits)
     stats/moe_balance, stats/moe_router_z   the unweighted values
     stats/moe_expert_load      [E] share of kept assignments per expert
     stats/moe_dropped_fraction share of assignments dropped for capacity

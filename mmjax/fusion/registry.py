@@ -38,7 +38,8 @@ def build_fusion(kind: str, **config: Any) -> nn.Module:
 
   Args:
     kind: one of FUSION_KINDS.
-    **config: the module's fields (see each class); lists become tuples.
+    **config: the module's fields (see each class); lists become tuples. A
+      config dict that holds 'kind' too works as `build_fusion(**config)`.
 
   Returns:
     An unbound linen module; `joint, aux = module.apply(variables, features,
@@ -53,5 +54,11 @@ def build_fusion(kind: str, **config: Any) -> nn.Module:
   if unknown:
     raise ValueError(f"fusion kind {kind!r} has no config field(s) {unknown}; "
                      f"its fields are {list(fields)}")
+  required = [f.name for f in dataclasses.fields(FUSION_MODULES[kind])
+              if f.name in fields and f.default is dataclasses.MISSING
+              and f.default_factory is dataclasses.MISSING]
+  missing = sorted(set(required) - set(config))
+  if missing:
+    raise ValueError(f"fusion kind {kind!r} needs config field(s) {missing}")
   config = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
   return FUSION_MODULES[kind](**config)

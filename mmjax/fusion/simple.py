@@ -102,7 +102,7 @@ class LateFusion(nn.Module):
     modalities: expected modality names, or None to accept any.
   """
   produces_task_output: ClassVar[bool] = True
-  num_classes: int = 2
+  num_classes: int
   head_kind: str = "classification"
   head_hidden_dim: int | None = None
   head_dropout_rate: float = 0.0
