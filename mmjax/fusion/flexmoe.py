@@ -217,8 +217,8 @@ class FlexMoEFusion(nn.Module):
   modalities: Sequence[str] | None = None
 
   def __post_init__(self):
-    check_routing_config(self.num_experts or self.top_k, self.top_k,
-                         self.capacity_factor)
+    check_routing_config(self.top_k if self.num_experts is None else self.num_experts,
+                         self.top_k, self.capacity_factor)
     _check_transformer_config("flexmoe", self.num_layers, self.num_heads,
                               self.dropout_rate)
     if self.modalities is not None:
@@ -227,7 +227,7 @@ class FlexMoEFusion(nn.Module):
 
   def _check_num_experts(self, num_modalities: int) -> int:
     needed = num_combinations(num_modalities)
-    num_experts = self.num_experts or needed
+    num_experts = needed if self.num_experts is None else self.num_experts
     if num_experts < needed:
       raise ValueError(
           f"flexmoe needs one expert per modality combination: num_experts="
