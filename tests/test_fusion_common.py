@@ -186,3 +186,39 @@ def test_task_loss_against_formulas():
     fusion.task_loss(logits, labels.astype(jnp.float32))
   with pytest.raises(ValueError, match="targets must have the outputs' shape"):
     fusion.task_loss(logits, targets[:, :2], "regression")
+
+
+def test_build_fusion_from_config_projects_and_adds_task_head():
+  feats = {"a": jnp.ones((3, 5)), "b": jnp.ones((3, 7))}
+  mask = {"a": jnp.array([True, False, True]), "b": jnp.array([True, True, False])}
+  config = {"kind": "gated", "width": 8}
+  module = fusion.build_fusion_from_config(config, {"num_classes": 4},
+                                           modalities=["b", "a"])
+  variables = jax.jit(module.init)(_key(0), feats, mask)
+  joint, logits, aux = jax.jit(module.apply)(variables, feats, mask)
+  assert joint.shape == (3, 8) and logits.shape == (3, 4)
+  assert "loss/gate_entropy" in aux
+  # NaN in an absent slot reaches neither the output nor the projections.
+  dirty = {"a": feats["a"].at[1].set(jnp.nan), "b": feats["b"].at[2].set(jnp.nan)}
+  jax.tree.map(np.testing.assert_array_equal, (joint, logits, aux),
+               jax.jit(module.apply)(variables, dirty, mask))
+
+  late = fusion.build_fusion_from_config({"kind": "late"}, {"num_classes": 2})
+  same = {"a": feats["a"], "b": feats["b"][:, :5]}
+  variables = jax.jit(late.init)(_key(1), same, mask)
+  joint, logits, _ = jax.jit(late.apply)(variables, same, mask)
+  assert logits.shape == (3, 2)
+  np.testing.assert_array_equal(joint, logits)
+
+  no_task = fusion.build_fusion_from_config({"kind": "mean"})
+  with pytest.raises(ValueError, match="features of one width"):
+    no_task.apply({}, feats, mask)
+  assert no_task.apply({}, same, mask)[1] is None
+  with pytest.raises(ValueError, match="needs a 'kind'"):
+    fusion.build_fusion_from_config({"width": 8})
+  with pytest.raises(ValueError, match=r"no config field\(s\) \['experts'\]"):
+    fusion.build_fusion_from_config({"kind": "moe", "experts": 2})
+  with pytest.raises(ValueError, match=r"task config has no field\(s\) \['classes'\]"):
+    fusion.build_fusion_from_config({"kind": "mean"}, {"classes": 2})
+  with pytest.raises(ValueError, match="'width' .* needs the modalities"):
+    fusion.build_fusion_from_config({"kind": "mean", "width": 4})

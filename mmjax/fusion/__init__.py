@@ -20,6 +20,7 @@ from mmjax.fusion.heads import TASK_KINDS, TaskHead, task_loss
 from mmjax.fusion.moe import (MoEFusion, SparseMoE, dispatch_and_combine,
                               expert_capacity, load_balancing_loss,
                               router_z_loss, top_k_routing)
-from mmjax.fusion.registry import (FUSION_KINDS, FUSION_MODULES, build_fusion,
-                                   fusion_config_fields)
+from mmjax.fusion.registry import (FUSION_KINDS, FUSION_MODULES,
+                                   FusionWithTaskHead, build_fusion,
+                                   build_fusion_from_config, fusion_config_fields)
 from mmjax.fusion.simple import ConcatFusion, LateFusion, MeanFusion

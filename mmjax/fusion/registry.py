@@ -1,14 +1,20 @@
-"""Fusion modules by name: `build_fusion(kind, **config)`."""
+"""Fusion modules by name: `build_fusion(kind, **config)`, and
+`build_fusion_from_config` (fusion + projections + task head) for models."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mmjax.fusion import common
 
 from mmjax.fusion.attention import AttentionFusion, OvOFusion
 from mmjax.fusion.flexmoe import FlexMoEFusion
 from mmjax.fusion.gated import GatedFusion
+from mmjax.fusion.heads import TaskHead
 from mmjax.fusion.moe import MoEFusion
 from mmjax.fusion.simple import ConcatFusion, LateFusion, MeanFusion
 
@@ -23,6 +29,7 @@ FUSION_MODULES: dict[str, type[nn.Module]] = {
     "gated": GatedFusion,
 }
 FUSION_KINDS = tuple(FUSION_MODULES)
+Array = jax.Array
 
 
 def fusion_config_fields(kind: str) -> tuple[str, ...]:
@@ -62,3 +69,121 @@ def build_fusion(kind: str, **config: Any) -> nn.Module:
     raise ValueError(f"fusion kind {kind!r} needs config field(s) {missing}")
   config = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
   return FUSION_MODULES[kind](**config)
+
+
+def _plain(value: Any) -> Any:
+  """ConfigDict / dict / list values -> hashable plain values (tuples)."""
+  if hasattr(value, "items"):
+    return tuple(sorted((k, _plain(v)) for k, v in value.items()))
+  if isinstance(value, (list, tuple)):
+    return tuple(_plain(v) for v in value)
+  return value
+
+
+class FusionWithTaskHead(nn.Module):
+  """A fusion module, optional projections to a common width, optional task head.
+
+  This is what a model holds: `joint, logits, aux = module(features, mask,
+  train=...)` with features dict modality -> [B, D_m] (widths may differ when
+  `width` is set), mask dict modality -> bool [B]. `logits` is None without a
+  task config. For `late` fusion, joint and logits are the same array: the
+  average of the per-modality heads' outputs (its head config comes from the
+  task config).
+
+  Attributes:
+    kind: fusion kind.
+    fusion_config: the fusion module's fields, as sorted (name, value) pairs.
+    task_config: TaskHead fields (num_classes, kind, hidden_dim, dropout_rate)
+      as sorted pairs, or None.
+    width: if set, every modality is projected by its own dense layer to this
+      width before fusion (absent entries are zeroed first, so garbage in them
+      reaches no parameter); if None, the features must already share a width.
+  """
+  kind: str
+  fusion_config: tuple = ()
+  task_config: tuple | None = None
+  width: int | None = None
+
+  def setup(self):
+    self.fusion = build_fusion(self.kind, **dict(self.fusion_config))
+    task = dict(self.task_config or ())
+    self.head = None
+    if task and not self.fusion.produces_task_output:
+      self.head = TaskHead(**task)
+    self.projections = (None if self.width is None else
+                        {m: nn.Dense(self.width) for m in self._modalities()})
+
+  def _modalities(self):
+    modalities = dict(self.fusion_config).get("modalities")
+    if modalities is None:
+      raise ValueError("FusionWithTaskHead with a width needs fusion_config to "
+                       "name its modalities")
+    return modalities
+
+  def __call__(self, features: Mapping[str, Array], mask: Mapping[str, Array],
+               train: bool = False):
+    """Returns (joint [B, D_out], logits [B, C] or None, aux)."""
+    names = common.modality_names(features, mask, dict(self.fusion_config).get(
+        "modalities"))
+    if self.projections is not None:
+      features = {m: self.projections[m](jnp.where(
+          jnp.asarray(mask[m])[:, None], features[m], 0)) for m in names}
+    else:
+      widths = {m: jnp.shape(features[m])[-1] for m in names}
+      if len(set(widths.values())) > 1:
+        raise ValueError(f"fusion needs features of one width, got {widths}; set "
+                         f"the fusion config's 'width' to project them")
+    joint, aux = self.fusion(features, mask, train=train)
+    if self.fusion.produces_task_output:
+      return joint, joint, aux
+    logits = None if self.head is None else self.head(joint, train=train)
+    return joint, logits, aux
+
+
+def build_fusion_from_config(fusion_config: Mapping[str, Any],
+                             task_config: Mapping[str, Any] | None = None, *,
+                             modalities: Sequence[str] | None = None
+                             ) -> FusionWithTaskHead:
+  """Builds fusion (+ projections, + task head) from config mappings.
+
+  Args:
+    fusion_config: {'kind': ..., 'width': optional common width, **fields}.
+    task_config: optional {'num_classes': C, 'kind': 'classification' |
+      'multilabel' | 'regression', 'hidden_dim', 'dropout_rate'}; for `late`
+      fusion it supplies the per-modality heads' config.
+    modalities: the model's modalities (set as the fusion's `modalities`
+      unless the fusion config names them).
+
+  Returns:
+    An unbound FusionWithTaskHead; invalid configs raise ValueError here.
+  """
+  config = dict(_plain(fusion_config))
+  if "kind" not in config:
+    raise ValueError(f"fusion config needs a 'kind' (one of {list(FUSION_KINDS)}); "
+                     f"got fields {sorted(config)}")
+  kind = config.pop("kind")
+  width = config.pop("width", None)
+  if modalities is not None and config.get("modalities") is None:
+    config["modalities"] = tuple(sorted(modalities))
+  if width is not None and config.get("modalities") is None:
+    raise ValueError("fusion config 'width' (per-modality projections) needs the "
+                     "modalities: pass modalities= or set fusion 'modalities'")
+  task = dict(_plain(task_config)) if task_config else {}
+  unknown = sorted(set(task) - {"num_classes", "kind", "hidden_dim", "dropout_rate"})
+  if unknown:
+    raise ValueError(f"task config has no field(s) {unknown}; its fields are "
+                     f"['num_classes', 'kind', 'hidden_dim', 'dropout_rate']")
+  if task and "num_classes" not in task:
+    raise ValueError("task config needs 'num_classes'")
+  if kind == "late" and task:
+    for field, late_field in (("num_classes", "num_classes"), ("kind", "head_kind"),
+                              ("hidden_dim", "head_hidden_dim"),
+                              ("dropout_rate", "head_dropout_rate")):
+      if field in task:
+        config.setdefault(late_field, task[field])
+  build_fusion(kind, **config)  # fail now, naming the field, not inside init
+  if task:
+    TaskHead(**task)
+  return FusionWithTaskHead(kind=kind, fusion_config=tuple(sorted(config.items())),
+                            task_config=tuple(sorted(task.items())) or None,
+                            width=width)
