@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from mmjax.models import layers
+from mmjax.models.heads import ProjectionHead
 from mmjax.models.registry import ENCODERS, build_encoder
 
 KEY = jax.random.key(0)
@@ -360,3 +361,44 @@ def test_registry_errors_list_valid_names():
   with pytest.raises(ValueError, match=r"unknown field\(s\) \['widht'\]"):
     build_encoder('vit', 'mu', widht=3)
   assert {'vit', 'text'} <= set(ENCODERS)
+
+
+def test_every_kind_builds_from_its_default_variant():
+  inputs = {
+      'vit': jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32),
+      'text': jax.ShapeDtypeStruct((2, 80), jnp.int32),
+      'audio': jax.ShapeDtypeStruct((2, 16000), jnp.float32),
+      'timeseries': jax.ShapeDtypeStruct((2, 64, 1), jnp.float32),
+      'mlp': jax.ShapeDtypeStruct((2, 7), jnp.float32),
+  }
+  assert set(ENCODERS) == set(inputs)
+  for kind, x in inputs.items():
+    enc = build_encoder(kind)
+    out, _ = jax.eval_shape(lambda x, enc=enc: enc.init_with_output(KEY, x), x)
+    assert out.shape == (2, enc.output_width) == (2, enc.width), kind
+    assert out.dtype == jnp.float32
+  # Config-style overrides: dtype by name, lists for tuples.
+  enc = build_encoder('audio', 'mu', dtype='bfloat16', patch_size=[4, 8])
+  assert enc.dtype == jnp.bfloat16 and enc.patch_size == (4, 8)
+  with pytest.raises(ValueError, match="unknown dtype 'bf17'"):
+    build_encoder('vit', dtype='bf17')
+
+
+@pytest.mark.parametrize('kind', ['linear', 'mlp'])
+def test_projection_head(kind):
+  features = jax.random.normal(KEY, (3, 10))
+  head = ProjectionHead(6, kind=kind, hidden_dim=12)
+  variables = init(head, features)
+  out = head.apply(variables, features)
+  assert out.shape == (3, 6)
+  p = variables['params']
+  if kind == 'linear':
+    want = features @ p['proj']['kernel']
+  else:
+    hidden = jax.nn.gelu(features @ p['hidden']['kernel'] + p['hidden']['bias'])
+    want = hidden @ p['proj']['kernel'] + p['proj']['bias']
+  np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match=r'features \[B, F\]'):
+    head.apply(variables, features[0])
+  with pytest.raises(ValueError, match="unknown projection head kind 'conv'"):
+    ProjectionHead(6, kind='conv').init(KEY, features)

@@ -10,6 +10,7 @@ import dataclasses
 from typing import Any, Dict, Optional, Tuple
 
 import flax.linen as nn
+import jax.numpy as jnp
 
 from mmjax.models import audio as audio_lib
 from mmjax.models import mlp as mlp_lib
@@ -139,8 +140,9 @@ def build_encoder(kind: str, variant: Optional[str] = None,
     variant: a size name ('mu', 'Ti', 'S', 'B', 'L'; ViT also 'B/16');
       None picks the kind's default variant ('mu').
     **overrides: module fields that replace the variant's values (width,
-      depth, num_heads, mlp_dim, patch_size, pool, dropout, dtype, remat,
-      scan_layers, vocab_size, max_len, ...).
+      depth, num_heads, mlp_dim, patch_size, pool, dropout, dtype (a dtype
+      or its name, e.g. 'bfloat16'), remat, scan_layers, vocab_size,
+      max_len, ...).
 
   Returns:
     An unbound flax.linen Module; its `width` field (and `output_width`
@@ -158,5 +160,15 @@ def build_encoder(kind: str, variant: Optional[str] = None,
     raise ValueError(
         f'unknown field(s) {unknown} for encoder kind {kind!r}; valid fields: '
         f'{list(fields)}')
-  config.update(overrides)
+  for key, value in overrides.items():
+    if key == 'dtype' and isinstance(value, str):
+      # Configs name dtypes as strings ('bfloat16').
+      try:
+        value = jnp.dtype(value)
+      except TypeError:
+        raise ValueError(
+            f'unknown dtype {value!r} for encoder kind {kind!r}') from None
+    elif isinstance(value, list):
+      value = tuple(value)  # configs give lists; module fields stay hashable
+    config[key] = value
   return module_cls(**config)
