@@ -13,6 +13,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from mmjax import align
 
@@ -54,3 +55,45 @@ def global_mean(x: jax.Array, axis_name=None) -> jax.Array:
   """Mean of a local per-example quantity over the global batch."""
   m = jnp.mean(x)
   return jax.lax.pmean(m, axis_name) if axis_name else m
+
+
+@register("task")
+def task_objective(output, batch, objective_config, *, axis_name=None):
+  """Classification cross-entropy of the task head, plus the fusion's auxiliary losses.
+
+  loss = mean over the global batch of CE(output.logits, batch['label'])
+         + every `output.aux['loss/...']` term (already weighted by the fusion module;
+           each is a local-batch statistic, averaged over devices).
+
+  Metrics: `task/cross_entropy`, `task/accuracy`, every aux loss under its own name and
+  every scalar `stats/...` entry of `aux` (averaged over devices).
+  """
+  del objective_config
+  if output.logits is None:
+    raise ValueError("objective.kind='task' needs task logits: set model.fusion and "
+                     "model.task (num_classes) in the config")
+  if "label" not in batch:
+    raise ValueError("objective.kind='task' needs batch['label'], but the data produces "
+                     f"only {sorted(k for k in batch if k != 'mask')}; configure a label "
+                     "(data.label for the procedural world)")
+  logits, labels = output.logits, batch["label"]
+  if logits.ndim != 2 or labels.shape != logits.shape[:1]:
+    raise ValueError(f"objective 'task': logits must be [B, C] and labels [B]; got logits "
+                     f"{logits.shape}, labels {labels.shape}")
+  if not jnp.issubdtype(labels.dtype, jnp.integer):
+    raise ValueError(f"objective 'task': labels must be integer class ids, got {labels.dtype}")
+  logits = logits.astype(jnp.float32)
+  cross_entropy = global_mean(
+      optax.softmax_cross_entropy_with_integer_labels(logits, labels), axis_name)
+  accuracy = global_mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32), axis_name)
+  metrics = {"task/cross_entropy": cross_entropy, "task/accuracy": accuracy}
+  loss = cross_entropy
+  for name in sorted(output.aux):
+    value = output.aux[name]
+    if jnp.ndim(value) != 0:
+      continue    # per-expert vectors and the like are not logged as scalars
+    value = global_mean(value, axis_name)
+    if name.startswith("loss/"):
+      loss = loss + value
+    metrics[name] = value
+  return loss, metrics
