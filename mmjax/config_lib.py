@@ -111,4 +111,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.evals.retrieval = ml_collections.ConfigDict(
       {"kind": "retrieval", "split": "test", "every": -1, "batch_size": 256})
   c.lock()
+  # Keys of these two are names checked against registries and the data when the run
+  # starts (a modality the data lacks, an unknown evaluator), so configs may add them.
+  c.model.encoders.unlock()
+  c.evals.unlock()
   return c

@@ -29,6 +29,7 @@ information from two modalities.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Mapping, Sequence
 
@@ -53,33 +54,80 @@ _RGB = np.array([(0.9, 0.1, 0.1), (0.1, 0.8, 0.1), (0.15, 0.25, 0.95),
 
 # Words a caption may use for each value: the first is the canonical name.
 _SYNONYMS: dict[str, tuple[tuple[str, ...], ...]] = {
-    "shape": (("circle", "disc", "round blob"), ("square", "box", "block"),
-              ("triangle", "wedge", "three-sided shape"), ("diamond", "rhombus", "lozenge"),
-              ("cross", "plus sign", "x-shaped mark")),
+    "shape": (("circle", "disc", "ball"), ("square", "box", "block"),
+              ("triangle", "wedge", "pyramid"), ("diamond", "rhombus", "lozenge"),
+              ("cross", "plus", "x mark")),
     "colour": (("red", "crimson", "scarlet"), ("green", "emerald", "lime"),
                ("blue", "navy", "azure"), ("yellow", "golden", "lemon"),
                ("magenta", "pink", "fuchsia"), ("cyan", "turquoise", "teal")),
-    "size": (("small", "tiny", "little"), ("medium", "mid-sized", "average"),
+    "size": (("small", "tiny", "little"), ("medium", "mid-size", "average"),
              ("large", "big", "huge")),
-    "position": (("top left", "upper left", "top-left corner"), ("top", "upper middle", "top edge"),
-                 ("top right", "upper right", "top-right corner"),
+    "position": (("top left", "upper left", "NW corner"), ("top", "upper middle", "top edge"),
+                 ("top right", "upper right", "NE corner"),
                  ("left", "middle left", "left side"), ("centre", "middle", "center"),
                  ("right", "middle right", "right side"),
-                 ("bottom left", "lower left", "bottom-left corner"),
+                 ("bottom left", "lower left", "SW corner"),
                  ("bottom", "lower middle", "bottom edge"),
-                 ("bottom right", "lower right", "bottom-right corner")),
+                 ("bottom right", "lower right", "SE corner")),
 }
 _NOUN_FALLBACK = ("shape", "object", "thing", "figure")
+# Short templates: captions stay under 48 bytes, which keeps the text tower cheap.
 _TEMPLATES = (
     "a {size} {colour} {shape} {at} the {position}",
-    "there is a {size} {colour} {shape} {at} the {position}",
-    "{position}: a {colour} {shape}, {size}",
-    "the picture shows a {colour} {shape} of {size} size {at} the {position}",
-    "{at} the {position} sits a {size} {colour} {shape}",
-    "a {shape}, {colour} and {size}, {at} the {position}",
+    "{position}: {size} {colour} {shape}",
+    "{size} {colour} {shape}, {position}",
+    "a {colour} {shape}, {size}, {at} the {position}",
+    "{at} the {position}, a {size} {colour} {shape}",
+    "one {size} {shape} in {colour}, {position}",
 )
-_AT = ("in", "at", "near", "towards")
+_AT = ("in", "at", "near", "by")
 _AN_BEFORE_VOWEL = re.compile(r"(^|\s)a ([aeiou])")
+
+
+# Rendering helpers. Drawing fresh Gaussian noise and evaluating sines per sample cost
+# more than everything else a sample needs, so noise comes from a fixed bank (each sample
+# reads a window at a random offset) and waveforms from one-period tables.
+_NOISE_BANK_SIZE = 1 << 20
+_SEED_SALT = 0x9E3779B97F4A7C15
+_WAVETABLE_SIZE = 4096
+# Timbre of each shape: the amplitudes of harmonics 1..5.
+_HARMONICS = ((1, 0, 0, 0, 0), (1, 0, 1 / 3, 0, 1 / 5), (1, 1 / 2, 1 / 3, 1 / 4, 1 / 5),
+              (1, 0, 1 / 9, 0, 1 / 25), (1, 0.8, 0, 0.6, 0))
+
+
+@functools.cache
+def _noise_bank() -> np.ndarray:
+  return np.random.default_rng(7).standard_normal(_NOISE_BANK_SIZE, dtype=np.float32)
+
+
+def _noise(rng, shape) -> np.ndarray:
+  """Standard-normal noise of `shape`: a window of the bank at a random offset."""
+  n = math.prod(shape)
+  start = int(rng.integers(0, _NOISE_BANK_SIZE - n))
+  return _noise_bank()[start:start + n].reshape(shape)
+
+
+def _audio_tables(t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(timbres [5, WAVETABLE], amplitudes [9, 3, T]).
+
+  timbres[shape]: one period of the shape's harmonic recipe, peak-normalised by the sum
+  of its amplitudes. amplitudes[position, size]: loudness x envelope x tremolo, where
+  size sets loudness and decay (larger shapes ring longer and louder) and position sets
+  the onset (its row) and the tremolo rate (its column).
+  """
+  phase = 2 * np.pi * np.arange(_WAVETABLE_SIZE) / _WAVETABLE_SIZE
+  timbres = np.stack([sum(a * np.sin((k + 1) * phase) for k, a in enumerate(h)) / sum(h)
+                      for h in _HARMONICS]).astype(np.float32)
+  duration = float(t[-1] + t[1]) if len(t) > 1 else 1.0
+  amplitudes = np.zeros((9, 3, len(t)), np.float32)
+  for position in range(9):
+    onset_slot, tremolo_slot = divmod(position, 3)
+    onset = (0.0, 0.15, 0.3)[onset_slot] * duration
+    tremolo = 1.0 + 0.5 * np.sin(2 * np.pi * (4.0, 10.0, 20.0)[tremolo_slot] * t)
+    for size, (decay, loudness) in enumerate(((12.0, 0.4), (5.0, 0.7), (1.5, 1.0))):
+      envelope = np.where(t < onset, 0.0, np.exp(-decay * np.maximum(t - onset, 0.0)))
+      amplitudes[position, size] = loudness * envelope * tremolo
+  return timbres, amplitudes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,9 +224,10 @@ class World:
       raise ValueError(f"split {split!r} has no size in data.sizes {dict(spec.sizes)}")
     self._len = int(spec.sizes[split])
     n = spec.image_size
-    ys, xs = np.mgrid[0:n, 0:n].astype(np.float32)
-    self._ys, self._xs = ys, xs
+    self._ys = np.arange(n, dtype=np.float32)[:, None]    # [n, 1]; broadcasting makes
+    self._xs = np.arange(n, dtype=np.float32)[None, :]    # the [n, n] masks
     self._t = np.arange(spec.audio_samples, dtype=np.float32) / spec.sample_rate
+    self._timbres, self._amplitudes = _audio_tables(self._t)
     self._expr = {m: frozenset(spec.expresses.get(m, ())) for m in MODALITIES}
 
   def __len__(self) -> int:
@@ -194,7 +243,11 @@ class World:
   def _draw(self, index: int):
     if not 0 <= index < self._len:
       raise IndexError(f"index {index} out of range for split {self.split!r} of size {self._len}")
-    rng = np.random.default_rng((self.spec.seed, self._split_id, int(index)))
+    # One integer seed per (seed, split, index) (a tuple seed costs 4x more), salted in
+    # its high bits so that it never equals a small seed a user might pass to numpy.
+    key = (_SEED_SALT << 96 | (self.spec.seed * len(SPLITS) + self._split_id) << 40
+           | int(index))
+    rng = np.random.Generator(np.random.PCG64(key))
     factors = rng.integers(0, _NUM_VALUES).astype(np.int32)
     return factors, rng
 
@@ -238,38 +291,23 @@ class World:
     else:
       inside = ((adx <= 0.3) & (ady <= 1.0)) | ((ady <= 0.3) & (adx <= 1.0))
     background = rng.uniform(0.25, 0.55)
-    image = np.full((n, n, 3), background, np.float32)
     colour = np.clip(_RGB[seen["colour"]] + rng.normal(0, 0.04, 3), 0, 1).astype(np.float32)
-    image[inside] = colour
+    image = background + inside[..., None] * (colour - np.float32(background))
     noise = self.spec.noise.get("image", 0.0)
     if noise:
-      image += noise * rng.standard_normal(image.shape, dtype=np.float32)
-    return np.clip(image, 0.0, 1.0)
+      image += np.float32(noise) * _noise(rng, image.shape)
+    return np.clip(image, 0.0, 1.0, out=image)
 
   # -- audio ---------------------------------------------------------------------------
   def _render_audio(self, seen, rng) -> np.ndarray:
-    t = self._t
-    duration = t[-1] + t[1]
     f0 = 220.0 * 2.0 ** (seen["colour"] * 2 / 12) * rng.uniform(0.99, 1.01)
-    # Timbre: the amplitude of harmonics 1..5 per shape.
-    harmonics = ((1, 0, 0, 0, 0), (1, 0, 1 / 3, 0, 1 / 5), (1, 1 / 2, 1 / 3, 1 / 4, 1 / 5),
-                 (1, 0, 1 / 9, 0, 1 / 25), (1, 0.8, 0, 0.6, 0))[seen["shape"]]
-    theta = np.float32(2 * np.pi * f0) * t + np.float32(rng.uniform(0, 2 * np.pi))
-    wave = sum(np.float32(a) * np.sin(np.float32(k + 1) * theta)
-               for k, a in enumerate(harmonics) if a)
-    wave *= np.float32(1.0 / sum(harmonics))
-    onset_slot, tremolo_slot = divmod(seen["position"], 3)
-    onset = (0.0, 0.15, 0.3)[onset_slot] * duration
-    decay = (12.0, 5.0, 1.5)[seen["size"]]      # larger shapes ring longer and louder
-    loudness = (0.4, 0.7, 1.0)[seen["size"]]
-    envelope = np.exp(np.float32(-decay) * np.maximum(t - np.float32(onset), 0))
-    envelope[t < onset] = 0.0
-    rate = (4.0, 10.0, 20.0)[tremolo_slot]
-    tremolo = 1.0 + 0.5 * np.sin(np.float32(2 * np.pi * rate) * t)
-    wave *= np.float32(loudness) * envelope * tremolo
+    phase = rng.uniform(0, 1)      # in periods
+    cycles = self._t * np.float32(f0 * _WAVETABLE_SIZE) + np.float32(phase * _WAVETABLE_SIZE)
+    wave = self._timbres[seen["shape"]][cycles.astype(np.int32) & (_WAVETABLE_SIZE - 1)]
+    wave *= self._amplitudes[seen["position"], seen["size"]]
     noise = self.spec.noise.get("audio", 0.0)
     if noise:
-      wave += noise * rng.standard_normal(t.shape, dtype=np.float32)
+      wave += np.float32(noise) * _noise(rng, wave.shape)
     return wave
 
   # -- text ----------------------------------------------------------------------------

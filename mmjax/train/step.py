@@ -45,12 +45,11 @@ def create_train_state(model, tx: optax.GradientTransformation, sample_batch, rn
   return init(rng)
 
 
-def make_train_step(model, objective: Callable, objective_config, mesh,
-                    *, donate: bool = True) -> Callable:
-  """`train_step(state, batch, rng) -> (state, metrics)`, jitted.
+def make_grad_fn(model, objective: Callable, objective_config, mesh) -> Callable:
+  """`grad_fn(params, batch, rng) -> (loss, grads, metrics)`, not jitted on its own.
 
-  `batch` is a dict of global arrays sharded over 'data'; `metrics` are replicated
-  scalars: `loss`, `grad_norm`, `logit_scale` and the objective's own metrics.
+  `batch` is a dict of global arrays sharded over 'data'; the outputs are replicated:
+  the global loss, its gradient, and the objective's metrics averaged over devices.
   """
 
   def per_device(params, batch, rng):
@@ -61,18 +60,29 @@ def make_train_step(model, objective: Callable, objective_config, mesh,
       out = model.apply({"params": params}, batch, train=True, rngs={"dropout": rng})
       loss, metrics = objective(out, batch, objective_config, axis_name=DATA)
       metrics["logit_scale"] = out.logit_scale
+      if out.logit_bias is not None:
+        metrics["logit_bias"] = out.logit_bias
       return loss, metrics
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    metrics = jax.lax.pmean(metrics, DATA)
-    return grads, loss, metrics
+    return loss, grads, jax.lax.pmean(metrics, DATA)
 
-  grads_fn = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(DATA), P()),
-                           out_specs=(P(), P(), P()))
+  return jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(DATA), P()),
+                       out_specs=(P(), P(), P()))
+
+
+def make_train_step(model, objective: Callable, objective_config, mesh,
+                    *, donate: bool = True) -> Callable:
+  """`train_step(state, batch, rng) -> (state, metrics)`, jitted.
+
+  `metrics` are replicated scalars: `loss`, `grad_norm`, `logit_scale` and the
+  objective's own metrics.
+  """
+  grad_fn = make_grad_fn(model, objective, objective_config, mesh)
 
   def train_step(state: TrainState, batch, rng):
-    grads, loss, metrics = grads_fn(state.params, batch, rng)
-    metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads))
+    loss, grads, metrics = grad_fn(state.params, batch, rng)
+    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
     return state.apply_gradients(grads=grads), metrics
 
   return jax.jit(train_step, donate_argnums=(0,) if donate else ())
