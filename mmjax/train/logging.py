@@ -8,12 +8,20 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 from typing import Mapping
 
 import jax
 import numpy as np
+
+
+def tensorboard_tag(name: str) -> str:
+  """A metric name as a TensorBoard tag (which allows only [-/\\w.]):
+  'eval/retrieval/image->text/R@1' -> 'eval/retrieval/image_to_text/R1'."""
+  name = name.replace("->", "_to_").replace("+", "_and_").replace("@", "")
+  return re.sub(r"[^-/\w.]", "_", name)
 
 
 def _scalar(v):
@@ -47,7 +55,7 @@ class MetricWriter:
     if self._tb is not None:
       for k, v in row.items():
         if k != "step":
-          self._tb.add_scalar(k, v, step)
+          self._tb.add_scalar(tensorboard_tag(k), v, step)
       self._tb.flush()
 
   def close(self):
