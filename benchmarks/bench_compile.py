@@ -9,6 +9,7 @@ parameters), lowered and compiled ahead of time with `jit(...).lower().compile()
     python benchmarks/bench_compile.py [--depths 4 24] [--variant Ti/16]
 """
 import argparse
+import os
 import time
 
 import jax
@@ -50,7 +51,8 @@ def main():
   compile_seconds(args.variant, 1, True, args.image_size, args.batch)
   shallow, deep = args.depths
   print(f'ViT-{args.variant} at {args.image_size}px, batch {args.batch}, '
-        f'fwd+bwd; backend {jax.default_backend()}; best of {args.repeats}')
+        f'fwd+bwd; backend {jax.default_backend()}; best of {args.repeats}; '
+        f'load average {os.getloadavg()[0]:.1f} at start')
   print(f'{"layout":>9} {"depth":>5} {"trace+lower s":>13} {"compile s":>9} '
         f'{"total s":>8}')
   totals = {}
@@ -69,6 +71,7 @@ def main():
     print(f'{layout}: depth {deep} / depth {shallow} total compile time = '
           f'{ratio:.2f}x')
   scan_ratio = totals[True, deep] / totals[True, shallow]
+  print(f'load average {os.getloadavg()[0]:.1f} at end')
   print(f'target: scan ratio <= 1.5x -> {"met" if scan_ratio <= 1.5 else "MISSED"}')
 
 
