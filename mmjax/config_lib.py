@@ -88,6 +88,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.logit_bias_init = ml_collections.config_dict.placeholder(float)
   c.model.fusion = ml_collections.config_dict.placeholder(ml_collections.ConfigDict)
   c.model.task = ml_collections.config_dict.placeholder(ml_collections.ConfigDict)
+  # GRAM's matching head (`mmjax.models.matching.MatchingHead` fields), for the
+  # 'matching' objective.
+  c.model.matching = ml_collections.config_dict.placeholder(ml_collections.ConfigDict)
 
   c.objective = ml_collections.ConfigDict()
   c.objective.kind = "clip"

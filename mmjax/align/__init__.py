@@ -1,7 +1,8 @@
 """mmjax.align: alignment losses, pure functions of arrays.
 
 Contrastive (CLIP softmax, SigLIP sigmoid) losses between pairs of modalities
-and the Gramian volume (GRAM) of all modalities at once. With `axis_name`
+and the Gramian volume (GRAM) of all modalities at once, with GRAM's
+volume-guided hard negatives for a matching objective. With `axis_name`
 (inside `jax.shard_map`), negatives come from the global batch and every device
 returns the same global loss; see `mmjax.align.contrastive` for the gradient
 convention.
@@ -19,6 +20,9 @@ from mmjax.align.contrastive import siglip_loss_all_gather
 from mmjax.align.gram import gram_loss
 from mmjax.align.gram import gram_loss_all_gather
 from mmjax.align.gram import gram_volume
+from mmjax.align.matching import matching_loss
+from mmjax.align.matching import matching_negatives
+from mmjax.align.matching import sample_excluding
 
 __all__ = [
     "CLIP_INIT_LOGIT_SCALE",
@@ -29,7 +33,10 @@ __all__ = [
     "gram_loss",
     "gram_loss_all_gather",
     "gram_volume",
+    "matching_loss",
+    "matching_negatives",
     "pairwise_loss",
+    "sample_excluding",
     "siglip_init",
     "siglip_loss",
     "siglip_loss_all_gather",

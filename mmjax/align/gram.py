@@ -339,7 +339,7 @@ def _ring_stats_bwd(axis_name, residuals, cotangents):
 _ring_stats.defvjp(_ring_stats_fwd, _ring_stats_bwd)
 
 
-def _check_gram_inputs(embeddings, anchor, masks):
+def check_gram_inputs(embeddings, anchor, masks):
   """Validates gram_loss inputs; returns the sorted names of the others."""
   if not isinstance(embeddings, Mapping):
     raise ValueError(
@@ -386,26 +386,43 @@ def _check_gram_inputs(embeddings, anchor, masks):
   return others
 
 
+def presence(masks, anchor: str, others: Sequence[str], batch: int):
+  """Which modalities and samples take part, from checked `masks`.
+
+  Args:
+    masks: None or modality name -> [batch] bool (True = present); modalities
+      left out are present everywhere.
+    anchor: the anchor's name.
+    others: the other modalities, in tuple order.
+    batch: the local batch size.
+
+  Returns:
+    (tuple_present, valid): [batch, K] bool presence of the tuple members, or
+    None when every member is present; [batch] bool, True where the anchor
+    and at least one other modality are present.
+  """
+  masks = {} if masks is None else masks
+  if any(name in masks for name in others):
+    tuple_present = jnp.stack(
+        [masks.get(name, jnp.ones((batch,), bool)) for name in others], axis=1)
+  else:
+    tuple_present = None
+  valid = masks.get(anchor, jnp.ones((batch,), bool))
+  if tuple_present is not None:
+    valid = valid & jnp.any(tuple_present, axis=1)
+  return tuple_present, valid
+
+
 def _gram_loss(embeddings, *, anchor, logit_scale, label_smoothing, masks,
                axis_name, stats_fn):
-  others = _check_gram_inputs(embeddings, anchor, masks)
+  others = check_gram_inputs(embeddings, anchor, masks)
   label_smoothing = _util.check_label_smoothing(label_smoothing)
   dtype = _util.compute_dtype(*embeddings.values())
   logit_scale = _util.as_scalar("logit_scale", logit_scale, dtype)
   anchor_embedding = embeddings[anchor].astype(dtype)
   b = anchor_embedding.shape[0]
 
-  masks = {} if masks is None else masks
-  if any(name in masks for name in others):
-    tuple_present = jnp.stack(
-        [masks.get(name, jnp.ones((b,), bool)) for name in others], axis=1)
-  else:
-    tuple_present = None
-  anchor_present = masks.get(anchor, jnp.ones((b,), bool))
-  valid = anchor_present
-  if tuple_present is not None:
-    valid = valid & jnp.any(tuple_present, axis=1)
-
+  tuple_present, valid = presence(masks, anchor, others, b)
   basis, tuple_volume = orthonormal_tuples(
       jnp.stack([embeddings[name].astype(dtype) for name in others]),
       tuple_present)

@@ -9,6 +9,7 @@ which to ignore.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Mapping, Optional
 
@@ -18,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.models import heads as heads_lib
+from mmjax.models import matching as matching_lib
 from mmjax.models import registry
 
 
@@ -32,6 +34,8 @@ class ModelOutput:
   logits: [B, num_classes] task logits, or None without a task head.
   joint: [B, D] fused representation, or None without fusion.
   aux: auxiliary losses ('loss/...') and statistics ('stats/...') from fusion.
+  matcher: the matching head (`mmjax.models.matching.Matcher`) for objectives that
+    score re-paired inputs, or None without `model.matching`.
   """
   embeddings: dict
   features: dict
@@ -40,6 +44,7 @@ class ModelOutput:
   logits: Optional[jax.Array] = None
   joint: Optional[jax.Array] = None
   aux: dict = flax.struct.field(default_factory=dict)
+  matcher: Optional[matching_lib.Matcher] = None
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
@@ -62,6 +67,8 @@ class MultimodalModel(nn.Module):
     logit_bias_init: initial logit bias (SigLIP: -10), None for no bias.
     fusion: optional fusion config (`kind` + fields), see `mmjax.fusion`.
     task: optional task-head config (`num_classes`, `kind`).
+    matching: optional `MatchingHead` fields (a dict, may be empty), for
+      GRAM's matching objective; needs two modalities or more.
   """
   encoders: Mapping[str, Any]
   embed_dim: int = 128
@@ -71,6 +78,7 @@ class MultimodalModel(nn.Module):
   logit_bias_init: Optional[float] = None
   fusion: Optional[Mapping[str, Any]] = None
   task: Optional[Mapping[str, Any]] = None
+  matching: Optional[Mapping[str, Any]] = None
 
   @property
   def modalities(self) -> tuple[str, ...]:
@@ -91,6 +99,8 @@ class MultimodalModel(nn.Module):
       from mmjax import fusion as fusion_lib  # pylint: disable=g-import-not-at-top
       self.fuse = fusion_lib.build_fusion_from_config(self.fusion, self.task,
                                                       modalities=self.modalities)
+    if self.matching is not None:
+      self.matching_head = matching_lib.MatchingHead(**self.matching)
 
   def __call__(self, batch: Mapping[str, Any], *, train: bool = False) -> ModelOutput:
     """Encodes every configured modality of `batch`.
@@ -119,8 +129,18 @@ class MultimodalModel(nn.Module):
           raise ValueError(f"fusion needs batch['mask'][{m!r}]; the mask has {sorted(mask)}")
       joint, logits, aux = self.fuse(features, {m: mask[m] for m in self.modalities},
                                      train=train)
+    matcher = None
+    if self.matching is not None:
+      if self.is_initializing():   # the head's params exist once it has run
+        first, *rest = self.modalities
+        self.matching_head(first, features[first], {m: features[m] for m in rest})
+      matcher = matching_lib.Matcher(
+          params=self.matching_head.variables["params"],
+          rng=self.make_rng("dropout") if train and self.has_rng("dropout") else None,
+          head=matching_lib.MatchingHead(**self.matching, parent=None))  # unbound
     return ModelOutput(embeddings=embeddings, features=features, logit_scale=logit_scale,
-                       logit_bias=logit_bias, logits=logits, joint=joint, aux=aux)
+                       logit_bias=logit_bias, logits=logits, joint=joint, aux=aux,
+                       matcher=matcher)
 
 
 def build(model_config) -> MultimodalModel:
@@ -135,9 +155,21 @@ def build(model_config) -> MultimodalModel:
     registry.build_encoder(e["kind"], e.get("variant"), **_encoder_overrides(e))
   fusion = c.get("fusion")
   task = c.get("task")
+  matching = c.get("matching")
+  if matching is not None:
+    if len(encoders) < 2:
+      raise ValueError(f"model.matching scores an anchor against the other modalities; "
+                       f"the model has only {sorted(encoders)}")
+    matching = dict(matching)
+    valid = {f.name for f in dataclasses.fields(matching_lib.MatchingHead)} - {"parent",
+                                                                              "name"}
+    if set(matching) - valid:
+      raise ValueError(f"model.matching: unknown field(s) {sorted(set(matching) - valid)}; "
+                       f"valid: {sorted(valid)}")
   return MultimodalModel(
       encoders=encoders, embed_dim=c.embed_dim, head=c.head,
       logit_scale_init=c.logit_scale_init, max_logit_scale=c.max_logit_scale,
       logit_bias_init=c.get("logit_bias_init"),
       fusion=dict(fusion) if fusion is not None else None,
-      task=dict(task) if task is not None else None)
+      task=dict(task) if task is not None else None,
+      matching=matching)

@@ -5,6 +5,32 @@ Inside the train step's `shard_map` it must return the *global* loss, identical 
 every device (alignment losses gather negatives over `axis_name`; local terms are
 `pmean`-ed). Parameters are device-invariant in the step, so the gradient of that
 global loss is the global-batch gradient on every device.
+
+`objective.kind` names one registered objective, or several joined by '+', e.g.
+'gram+matching': the loss is then the weighted sum of the terms, with
+`objective.weights.<term>` (default 1.0), and each term's metrics keep its own
+prefix. The registered objectives:
+
+  clip      CLIP's softmax InfoNCE between the model's two modalities.
+  siglip    SigLIP's sigmoid loss between the two modalities (device ring); needs
+            `model.logit_bias_init`.
+  pairwise  contrastive loss averaged over pairs of modalities: every modality
+            against `objective.anchor` (`objective.pairs='anchor'`, ImageBind) or
+            all pairs ('all'); `objective.pair_kind` 'clip' or 'siglip'.
+  gram      GRAM: the volume spanned by the anchor and the other modalities
+            (device ring); needs `objective.anchor`; absent modalities
+            (`batch['mask']`) leave their sample's tuple.
+  matching  GRAM's volume-guided matching: the model's matching head
+            (`model.matching`) tells each sample's (anchor, tuple) pair from
+            two hard negatives drawn in proportion to softmax(-volume); binary
+            cross-entropy. Meant beside 'gram' ('gram+matching').
+  task      classification cross-entropy of the task head plus the fusion's
+            auxiliary losses.
+
+Fields of `config.objective` the objectives read: `kind`, `anchor`,
+`label_smoothing` (clip, pairwise with clip, gram), `pairs`, `pair_kind`,
+`weights`. A field set for an objective that does not use it is not an error
+(configs switch kinds by one field), but a wrong value of a field in use is.
 """
 
 from __future__ import annotations
@@ -28,27 +54,207 @@ def register(name: str):
 
 
 def get(name: str) -> Callable:
-  if name not in OBJECTIVES:
-    raise ValueError(f"objective.kind: unknown objective {name!r}; valid: {sorted(OBJECTIVES)}")
-  return OBJECTIVES[name]
+  """The objective named by `objective.kind`: one registered name or 'a+b+...'."""
+  if not isinstance(name, str) or not name:
+    raise ValueError(f"objective.kind must be a registered objective name, got {name!r}; "
+                     f"valid: {sorted(OBJECTIVES)}")
+  terms = name.split("+")
+  for term in terms:
+    if term not in OBJECTIVES:
+      raise ValueError(f"objective.kind: unknown objective {term!r} in {name!r}; valid: "
+                       f"{sorted(OBJECTIVES)}, or several joined by '+'")
+  if len(set(terms)) != len(terms):
+    raise ValueError(f"objective.kind {name!r} names an objective twice")
+  if len(terms) == 1:
+    return OBJECTIVES[name]
+  return _combined(tuple(terms))
 
 
-def _pair(output, objective_config):
-  names = sorted(output.embeddings)
+def _combined(terms: tuple[str, ...]) -> Callable:
+  """Weighted sum of several objectives (`objective.weights.<term>`, default 1)."""
+
+  def objective(output, batch, objective_config, *, axis_name=None):
+    weights = term_weights(objective_config, terms)
+    loss, metrics = 0.0, {}
+    for term in terms:
+      term_loss, term_metrics = OBJECTIVES[term](output, batch, objective_config,
+                                                 axis_name=axis_name)
+      loss = loss + weights[term] * term_loss
+      metrics.update(term_metrics)
+      metrics[f"{term}/loss"] = jax.lax.stop_gradient(term_loss)
+    return loss, metrics
+
+  objective.__name__ = "+".join(terms)
+  return objective
+
+
+def term_weights(objective_config, terms) -> dict[str, float]:
+  """`objective.weights` for `terms` (1.0 where unset); a weight for another name is
+  an error (a typo would otherwise be a silently unweighted term)."""
+  weights = dict(objective_config.get("weights") or {})
+  unknown = sorted(set(weights) - set(terms))
+  if unknown:
+    raise ValueError(f"objective.weights has {unknown}, which objective.kind "
+                     f"{objective_config.kind!r} does not name; its terms are {list(terms)}")
+  out = {}
+  for term in terms:
+    w = weights.get(term, 1.0)
+    if not isinstance(w, (int, float)) or isinstance(w, bool) or w < 0:
+      raise ValueError(f"objective.weights.{term} must be a number >= 0, got {w!r}")
+    out[term] = float(w)
+  return out
+
+
+def _modalities(output) -> list[str]:
+  return sorted(output.embeddings)
+
+
+def _check_anchor(output, objective_config, *, required: bool):
+  """`objective.anchor`, checked against the model's modalities."""
+  anchor = objective_config.get("anchor")
+  names = _modalities(output)
+  if anchor is None:
+    if required:
+      raise ValueError(f"objective {objective_config.kind!r} needs objective.anchor, one "
+                       f"of the model's modalities {names}")
+    return None
+  if anchor not in names:
+    raise ValueError(f"objective.anchor {anchor!r} is not among the model's modalities "
+                     f"{names} (model.encoders)")
+  return anchor
+
+
+def _pair(output, objective_config, term: str):
+  names = _modalities(output)
   if len(names) != 2:
-    raise ValueError(f"objective {objective_config.kind!r} aligns two modalities; the model "
-                     f"has {names} (use objective.kind='pairwise' or 'gram' for more)")
+    raise ValueError(f"objective {term!r} aligns two modalities; the model has {names} "
+                     f"(use objective.kind='pairwise' or 'gram' for more)")
+  _check_anchor(output, objective_config, required=False)
   return names
+
+
+def _masks(output, batch):
+  """`batch['mask']` restricted to the model's modalities, or None without one."""
+  mask = batch.get("mask")
+  if not mask:
+    return None
+  missing = [m for m in _modalities(output) if m not in mask]
+  if missing:
+    raise ValueError(f"batch['mask'] has no entry for {missing}; it has {sorted(mask)}")
+  return {m: mask[m] for m in _modalities(output)}
 
 
 @register("clip")
 def clip_objective(output, batch, objective_config, *, axis_name=None):
   """Symmetric InfoNCE between the two modalities of the model."""
-  a, b = _pair(output, objective_config)
+  a, b = _pair(output, objective_config, "clip")
   loss, metrics = align.clip_loss(
       output.embeddings[a], output.embeddings[b], logit_scale=output.logit_scale,
       label_smoothing=objective_config.label_smoothing, axis_name=axis_name)
   return loss, {f"clip/{k}": v for k, v in metrics.items()}
+
+
+@register("siglip")
+def siglip_objective(output, batch, objective_config, *, axis_name=None):
+  """SigLIP's pairwise sigmoid loss between the two modalities (x, y in sorted order)."""
+  del batch
+  a, b = _pair(output, objective_config, "siglip")
+  if output.logit_bias is None:
+    raise ValueError("objective 'siglip' needs a learned logit bias: set "
+                     "model.logit_bias_init (SigLIP uses -10, with model.logit_scale_init "
+                     "= log 10)")
+  if objective_config.label_smoothing:
+    raise ValueError(f"objective 'siglip' has no label smoothing; objective.label_smoothing "
+                     f"is {objective_config.label_smoothing}")
+  loss, metrics = align.siglip_loss(
+      output.embeddings[a], output.embeddings[b], logit_scale=output.logit_scale,
+      logit_bias=output.logit_bias, axis_name=axis_name)
+  return loss, {f"siglip/{k}": v for k, v in metrics.items()}
+
+
+@register("pairwise")
+def pairwise_objective(output, batch, objective_config, *, axis_name=None):
+  """Contrastive loss averaged over the anchored or all pairs of modalities."""
+  del batch
+  pairs = objective_config.pairs
+  if pairs not in ("anchor", "all"):
+    raise ValueError(f"objective.pairs must be 'anchor' or 'all', got {pairs!r}")
+  anchor = _check_anchor(output, objective_config, required=pairs == "anchor")
+  kind = objective_config.pair_kind
+  if kind not in ("clip", "siglip"):
+    raise ValueError(f"objective.pair_kind must be 'clip' or 'siglip', got {kind!r}")
+  if kind == "siglip" and output.logit_bias is None:
+    raise ValueError("objective.pair_kind 'siglip' needs a learned logit bias: set "
+                     "model.logit_bias_init")
+  loss, metrics = align.pairwise_loss(
+      output.embeddings, anchor=anchor if pairs == "anchor" else None, kind=kind,
+      logit_scale=output.logit_scale,
+      logit_bias=output.logit_bias if kind == "siglip" else None,
+      label_smoothing=objective_config.label_smoothing, axis_name=axis_name)
+  return loss, {f"pairwise/{k}": v for k, v in metrics.items()}
+
+
+@register("gram")
+def gram_objective(output, batch, objective_config, *, axis_name=None):
+  """GRAM between `objective.anchor` and the tuples of the other modalities."""
+  anchor = _check_anchor(output, objective_config, required=True)
+  loss, metrics = align.gram_loss(
+      output.embeddings, anchor=anchor, logit_scale=output.logit_scale,
+      label_smoothing=objective_config.label_smoothing, masks=_masks(output, batch),
+      axis_name=axis_name)
+  return loss, {f"gram/{k}": v for k, v in metrics.items()}
+
+
+def _gather(x, axis_name):
+  return x if axis_name is None else jax.lax.all_gather(x, axis_name, tiled=True)
+
+
+@register("matching")
+def matching_objective(output, batch, objective_config, *, axis_name=None):
+  """GRAM's volume-guided matching (see `mmjax.align.matching`).
+
+  Each valid sample gives three pairs to the model's matching head: its anchor with
+  its own tuple (label 1), with a tuple drawn from the global batch in proportion to
+  softmax(-volume * logit_scale) over the other valid samples (label 0), and its
+  tuple with an anchor drawn the same way (label 0). The head sees the encoders'
+  features (gathered over devices, so gradients reach the device that encoded a
+  drawn negative).
+  """
+  anchor = _check_anchor(output, objective_config, required=True)
+  if output.matcher is None:
+    raise ValueError("objective 'matching' needs the model's matching head: set "
+                     "model.matching (e.g. ml_collections.ConfigDict({'width': 64}))")
+  if output.matcher.rng is None:
+    raise ValueError("objective 'matching' draws negatives with the model's 'dropout' rng; "
+                     "apply the model with train=True and rngs={'dropout': key}")
+  masks = _masks(output, batch)
+  negatives = align.matching_negatives(
+      output.embeddings, anchor=anchor, logit_scale=output.logit_scale,
+      rng=output.matcher.rng, masks=masks, axis_name=axis_name)
+  others = [m for m in _modalities(output) if m != anchor]
+  b = output.embeddings[anchor].shape[0]
+  present = {m: (masks[m] if masks is not None else jnp.ones((b,), bool)) for m in others}
+
+  def drawn(x, index):
+    return jnp.take(_gather(x, axis_name), index, axis=0)
+
+  tuple_index, anchor_index = negatives["negative_tuple"], negatives["negative_anchor"]
+  anchor_features = output.features[anchor]
+  # Pairs, in blocks of b: (anchor, own tuple), (anchor, drawn tuple), (drawn anchor,
+  # own tuple).
+  logits = output.matcher(
+      anchor,
+      jnp.concatenate([anchor_features, anchor_features,
+                       drawn(anchor_features, anchor_index)]),
+      {m: jnp.concatenate([output.features[m], drawn(output.features[m], tuple_index),
+                           output.features[m]]) for m in others},
+      {m: jnp.concatenate([present[m], drawn(present[m], tuple_index), present[m]])
+       for m in others})
+  positive, negative_tuple, negative_anchor = jnp.split(logits, 3)
+  loss, metrics = align.matching_loss(
+      positive, negative_tuple, negative_anchor, valid=negatives["valid"],
+      has_negative=negatives["has_negative"], axis_name=axis_name)
+  return loss, {f"matching/{k}": v for k, v in metrics.items()}
 
 
 def global_mean(x: jax.Array, axis_name=None) -> jax.Array:
