@@ -349,6 +349,22 @@ def test_text_bad_inputs():
     build_encoder('text', 'mu', eos_id=300).init(KEY, tokens)
 
 
+def test_text_out_of_vocab_ids_under_jit_poison_only_their_example():
+  """Traced ids cannot raise; a bad id must not read another token's row."""
+  enc = build_encoder('text', 'mu', width=32, num_heads=2, max_len=8)
+  tokens = _tokens()
+  variables = init(enc, tokens)
+  apply = jax.jit(enc.apply)
+  clean = apply(variables, tokens)
+  # 259 is past the table; -1 would wrap to its last row; 6 is after eos
+  # (ignored when valid, but still not a token of the vocabulary).
+  for row, col, bad in ((0, 1, 259), (0, 1, -1), (1, 6, 300)):
+    out = np.asarray(apply(variables, tokens.at[row, col].set(bad)))
+    assert np.all(np.isnan(out[row])), (row, col, bad)
+    others = np.arange(3) != row
+    np.testing.assert_allclose(out[others], clean[others], atol=1e-6)
+
+
 def test_registry_errors_list_valid_names():
   with pytest.raises(ValueError, match="unknown encoder kind 'cnn'.*vit"):
     build_encoder('cnn')

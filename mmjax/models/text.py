@@ -6,6 +6,13 @@ padding and no earlier token is `eos_id`; so anything written after the
 first eos, or in the padding, never changes the output. The defaults are
 the project's byte tokenizer (pad 0, bos 1, eos 2, bytes 3..258, vocabulary
 259); for CLIP's BPE vocabulary pass `eos_id=49407`.
+
+Token ids outside [0, vocab_size) are a ValueError when the ids are concrete
+(eager calls, `init` on a real batch). Inside `jit` their values are not
+known at trace time; there an out-of-vocabulary id (negative ones included,
+which an embedding lookup would otherwise wrap to the end of the table)
+turns its example's features into NaN, which the trainer's non-finite check
+reports, instead of silently reading another token's embedding.
 """
 from typing import Any
 
@@ -101,7 +108,12 @@ class TextTransformer(nn.Module):
       train: enables dropout and stochastic depth (rng stream 'dropout').
 
     Returns:
-      float32 features [B, width].
+      float32 features [B, width] (NaN rows for out-of-vocabulary ids under
+      jit, see the module docstring).
+
+    Raises:
+      ValueError: bad rank or dtype, a sequence longer than `max_len`,
+        concrete ids outside the vocabulary, or bad module fields.
     """
     self._check(tokens)
     length = tokens.shape[1]
@@ -109,6 +121,9 @@ class TextTransformer(nn.Module):
     x = nn.Embed(self.vocab_size, self.width,
                  embedding_init=nn.initializers.normal(stddev=0.02),
                  dtype=self.dtype, name='token_embedding')(tokens)
+    # Traced ids skip the range check in `_check`: see the module docstring.
+    in_vocab = (tokens >= 0) & (tokens < self.vocab_size)
+    x = jnp.where(in_vocab[..., None], x, jnp.asarray(jnp.nan, x.dtype))
     pos = self.param('pos_embedding', nn.initializers.normal(stddev=0.01),
                      (self.max_len, self.width), jnp.float32)
     x = x + pos[:length].astype(x.dtype)[None]
