@@ -10,12 +10,18 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from mmjax.evals import eval_mode
 from mmjax.train import trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file "
                                           "(path.py or path.py:arg).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics, plots go.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "train (resumes) or eval.")
+_CHECKPOINT_STEP = flags.DEFINE_integer(
+    "checkpoint_step", None, "--mode=eval: the checkpoint step to evaluate (default: the "
+    "latest).")
+_EVALS = flags.DEFINE_list("evals", None, "--mode=eval: names in config.evals to run "
+                           "(default: all).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -25,7 +31,8 @@ def main(argv):
   if _MODE.value == "train":
     trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   else:
-    raise app.UsageError("--mode=eval is not available yet")
+    eval_mode.evaluate_workdir(_CONFIG.value, _WORKDIR.value,
+                               checkpoint_step=_CHECKPOINT_STEP.value, evals=_EVALS.value)
 
 
 if __name__ == "__main__":

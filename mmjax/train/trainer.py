@@ -134,12 +134,14 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   train_step = step_lib.make_train_step(model, objectives.get(config.objective.kind),
                                         config.objective, mesh)
   apply_fn = step_lib.make_apply_fn(model)
-  evaluators = evaluators_lib.build_evaluators(config.evals, config.eval_every_steps)
+  evaluators = evaluators_lib.build_evaluators(config.evals, config.eval_every_steps,
+                                               config=config)
+  reports: dict[str, str] = {}     # summary.md sections from evaluators (ctx.add_report)
 
   def evaluate(step: int, force: bool = False) -> dict[str, float]:
     ctx = evaluators_lib.EvalContext(config=config, workdir=workdir, mesh=mesh,
                                      params=state.params, apply_fn=apply_fn,
-                                     featurize=featurize, step=step)
+                                     featurize=featurize, step=step, reports=reports)
     return evaluators_lib.run_evaluators(ctx, evaluators, force=force)
 
   writer = log_lib.MetricWriter(workdir)
@@ -200,9 +202,12 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   manager.wait_until_finished()
   progress.close()
   writer.close()
-  if step == config.total_steps and jax.process_index() == 0:
-    summary_lib.write_summary(workdir, config, final_metrics,
-                              wall_time=time.time() - started, start_step=start_step)
+  if jax.process_index() == 0:
+    summary_lib.plot_training_curves(workdir, config.name)   # also after a preemption
+    if step == config.total_steps:
+      summary_lib.write_summary(workdir, config, final_metrics,
+                                wall_time=time.time() - started, start_step=start_step,
+                                extra_sections=reports)
   return final_metrics
 
 
