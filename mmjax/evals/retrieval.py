@@ -23,6 +23,7 @@ from typing import Callable, Dict, Optional, Sequence, Union
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -214,6 +215,8 @@ def _blocked_ranks(queries: np.ndarray, target_tuples: Sequence[np.ndarray],
     targets = jax.device_put(targets, NamedSharding(mesh, P()))
   ranks = _ranks_program(query_blocks, match, targets, score_fn=score_fn,
                          mesh=mesh)
+  if not ranks.is_fully_addressable:     # several processes: each holds only its blocks
+    ranks = multihost_utils.process_allgather(ranks, tiled=True)
   ranks = np.asarray(ranks).reshape(-1)[:n].astype(np.int64)
   if np.any(ranks < 1):
     query = int(np.flatnonzero(ranks < 1)[0])
