@@ -5,6 +5,7 @@
 """
 
 from mmjax import config_lib
+from mmjax.evals import evaluators
 
 
 def get_config(arg=None):
@@ -21,6 +22,15 @@ def get_config(arg=None):
   c.model.encoders.text = config_lib.encoder("text", "mu", width=128, depth=2, max_len=72)
   c.optimizer.lr = 2e-3
   c.optimizer.warmup_steps = 100
+  # Retrieval at every evaluation; the others once, at the end (every=0). All embed the
+  # test split with the same batch size, so they share one pass over it.
+  c.evals.retrieval = evaluators.evaluator_config("retrieval")     # every: eval_every_steps
+  c.evals.zero_shot = evaluators.evaluator_config("zero_shot", every=0)
+  c.evals.linear_probe = evaluators.evaluator_config("linear_probe", every=0,
+                                                     train_examples=2048)
+  c.evals.knn = evaluators.evaluator_config("knn", every=0, train_examples=2048)
+  c.evals.calibration = evaluators.evaluator_config("calibration", every=0)
+  c.evals.geometry = evaluators.evaluator_config("geometry", every=0)
   if arg == "runlocal":     # seconds, for tests and a first look
     c.total_steps = 20
     c.batch_size = 32
@@ -28,5 +38,8 @@ def get_config(arg=None):
     c.checkpoint_every_steps = 10
     c.eval_every_steps = 10
     c.data.sizes.test = 64
-    c.evals.retrieval.batch_size = 32
+    c.data.sizes.validation = 64
+    for entry in c.evals.values():
+      entry.batch_size = 32
+    c.evals.linear_probe.train_examples = c.evals.knn.train_examples = 256
   return c
