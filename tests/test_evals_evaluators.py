@@ -240,7 +240,7 @@ def test_world_class_names_follow_label_order():
   spec = world_lib.WorldSpec.from_config(c)
   assert len(names) == spec.num_classes == 30
   label = spec.label_of({"shape": 3, "colour": 2})
-  assert names[label] == "blue diamond"
+  assert names[label] == "blue ring"
   c.label.factors = ("position",)
   assert ev.world_class_names(c)[0] == "shape at the top left"
   c.label.mode, c.label.num_classes = "sum_mod", 4

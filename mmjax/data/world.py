@@ -7,7 +7,7 @@ it does not express. With the defaults every modality expresses every factor.
 
 Factors (all categorical, drawn uniformly and independently):
 
-  shape     circle, square, triangle, diamond, cross      (5)
+  shape     circle, square, triangle, ring, cross         (5)
   colour    red, green, blue, yellow, magenta, cyan       (6)
   size      small, medium, large                          (3)
   position  3 x 3 grid: top left ... bottom right         (9)
@@ -38,7 +38,7 @@ import re
 import numpy as np
 
 FACTORS: dict[str, tuple[str, ...]] = {
-    "shape": ("circle", "square", "triangle", "diamond", "cross"),
+    "shape": ("circle", "square", "triangle", "ring", "cross"),
     "colour": ("red", "green", "blue", "yellow", "magenta", "cyan"),
     "size": ("small", "medium", "large"),
     "position": ("top left", "top", "top right", "left", "centre", "right",
@@ -55,7 +55,7 @@ _RGB = np.array([(0.9, 0.1, 0.1), (0.1, 0.8, 0.1), (0.15, 0.25, 0.95),
 # Words a caption may use for each value: the first is the canonical name.
 _SYNONYMS: dict[str, tuple[tuple[str, ...], ...]] = {
     "shape": (("circle", "disc", "ball"), ("square", "box", "block"),
-              ("triangle", "wedge", "pyramid"), ("diamond", "rhombus", "lozenge"),
+              ("triangle", "wedge", "pyramid"), ("ring", "hoop", "donut"),
               ("cross", "plus", "x mark")),
     "colour": (("red", "crimson", "scarlet"), ("green", "emerald", "lime"),
                ("blue", "navy", "azure"), ("yellow", "golden", "lemon"),
@@ -90,6 +90,8 @@ _AN_BEFORE_VOWEL = re.compile(r"(^|\s)a ([aeiou])")
 _NOISE_BANK_SIZE = 1 << 20
 _SEED_SALT = 0x9E3779B97F4A7C15
 _WAVETABLE_SIZE = 4096
+# Shape radius per size, as a fraction of the image side.
+_RADII = (0.2, 0.27, 0.34)
 # Timbre of each shape: the amplitudes of harmonics 1..5.
 _HARMONICS = ((1, 0, 0, 0, 0), (1, 0, 1 / 3, 0, 1 / 5), (1, 1 / 2, 1 / 3, 1 / 4, 1 / 5),
               (1, 0, 1 / 9, 0, 1 / 25), (1, 0.8, 0, 0.6, 0))
@@ -276,7 +278,7 @@ class World:
     row, col = divmod(seen["position"], 3)
     cy = (row + 0.5) * cell + rng.uniform(-1.0, 1.0)
     cx = (col + 0.5) * cell + rng.uniform(-1.0, 1.0)
-    radius = (0.13, 0.2, 0.28)[seen["size"]] * n * rng.uniform(0.92, 1.08)
+    radius = _RADII[seen["size"]] * n * rng.uniform(0.92, 1.08)
     dy, dx = (self._ys - cy) / radius, (self._xs - cx) / radius
     ady, adx = np.abs(dy), np.abs(dx)
     shape = seen["shape"]
@@ -287,7 +289,8 @@ class World:
     elif shape == 2:
       inside = (dy <= 0.75) & (adx <= (dy + 1.0) * 0.6)
     elif shape == 3:
-      inside = adx + ady <= 1.1
+      r2 = dx * dx + dy * dy
+      inside = (r2 <= 1.0) & (r2 >= 0.3)
     else:
       inside = ((adx <= 0.3) & (ady <= 1.0)) | ((ady <= 0.3) & (adx <= 1.0))
     background = rng.uniform(0.25, 0.55)

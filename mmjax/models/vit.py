@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from mmjax.models import layers
 
 POOLS = ('cls', 'gap', 'map')
+STEMS = ('patch', 'conv')
 
 
 class ViT(nn.Module):
@@ -25,6 +26,11 @@ class ViT(nn.Module):
     num_heads: attention heads.
     mlp_dim: MLP hidden width (None: 4 * width).
     patch_size: spatial patch size p.
+    stem: 'patch' (one p x p linear patch embedding, the standard ViT) or
+      'conv' (images only: log2(p) 3x3 stride-2 convolutions with GELU, channels
+      doubling up to `width`, then a 1x1 projection; Xiao et al. 2021, "Early
+      convolutions help transformers see better": much faster to learn local
+      structure such as shape on small images).
     tubelet: temporal patch size t for video input.
     channels: expected channel count C of the input.
     pool: 'cls' (class token), 'gap' (mean of tokens) or 'map'
@@ -40,6 +46,7 @@ class ViT(nn.Module):
   num_heads: int = 4
   mlp_dim: Any = None
   patch_size: int = 4
+  stem: str = 'patch'
   tubelet: int = 2
   channels: int = 3
   pool: str = 'cls'
@@ -75,10 +82,28 @@ class ViT(nn.Module):
       raise ValueError(
           f'image size {height}x{width} is not divisible by patch_size='
           f'{self.patch_size}')
+    if self.stem not in STEMS:
+      raise ValueError(f'stem={self.stem!r} is not one of {STEMS}')
+    if self.stem == 'conv':
+      if x.ndim != 4:
+        raise ValueError(f"stem='conv' takes images [B,H,W,C]; got shape {x.shape}")
+      if self.patch_size & (self.patch_size - 1):
+        raise ValueError(f"stem='conv' needs a power-of-two patch_size; got "
+                         f'{self.patch_size}')
     if x.ndim == 5 and x.shape[1] % self.tubelet:
       raise ValueError(
           f'video length {x.shape[1]} is not divisible by tubelet='
           f'{self.tubelet}')
+
+  def _conv_stem(self, x: jax.Array) -> jax.Array:
+    """[B, H, W, C] -> [B, H/p, W/p, width] through log2(p) stride-2 convs."""
+    num_convs = self.patch_size.bit_length() - 1
+    for i in range(num_convs):
+      channels = max(self.width >> (num_convs - i), 8)
+      x = nn.Conv(channels, (3, 3), strides=(2, 2), padding='SAME',
+                  dtype=self.dtype, name=f'stem_conv{i}')(x)
+      x = nn.gelu(x)
+    return nn.Conv(self.width, (1, 1), dtype=self.dtype, name='embedding')(x)
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
@@ -94,12 +119,12 @@ class ViT(nn.Module):
     """
     self._check(x)
     p = self.patch_size
-    if x.ndim == 4:
-      kernel = (p, p)
+    if self.stem == 'conv':
+      x = self._conv_stem(x)
     else:
-      kernel = (self.tubelet, p, p)
-    x = nn.Conv(self.width, kernel, strides=kernel, padding='VALID',
-                dtype=self.dtype, name='embedding')(x)
+      kernel = (p, p) if x.ndim == 4 else (self.tubelet, p, p)
+      x = nn.Conv(self.width, kernel, strides=kernel, padding='VALID',
+                  dtype=self.dtype, name='embedding')(x)
     batch = x.shape[0]
     grid = x.shape[1:-1]
     x = x.reshape(batch, -1, self.width)
