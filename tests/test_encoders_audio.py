@@ -148,12 +148,17 @@ def test_audio_specaugment_only_in_train_and_needs_rng():
                       max_frames=32, time_mask_max=4, freq_mask_max=4)
   wave = jnp.asarray(_wave(length=1024))
   variables = _init(enc, wave)
-  eval_out = enc.apply(variables, wave)
-  a = enc.apply(variables, wave, train=True, rngs={'specaug': jax.random.key(1)})
-  b = enc.apply(variables, wave, train=True, rngs={'dropout': jax.random.key(2)})
+
+  @jax.jit  # one compile for the three calls
+  def run(v, key_a, key_b):
+    return (enc.apply(v, wave),
+            enc.apply(v, wave, train=True, rngs={'specaug': key_a}),
+            enc.apply(v, wave, train=True, rngs={'dropout': key_b}))
+
+  eval_out, a, b = run(variables, jax.random.key(1), jax.random.key(2))
   assert not np.allclose(a, eval_out) and not np.allclose(a, b)
   with pytest.raises(ValueError, match="rng stream 'specaug' or 'dropout'"):
-    enc.apply(variables, wave, train=True)
+    jax.eval_shape(lambda v: enc.apply(v, wave, train=True), variables)
 
 
 def test_audio_bf16_keeps_f32_params():
