@@ -20,10 +20,17 @@ weight; an already uniform gate is left alone. The coefficient formula is
 this library's reading of the paper's per-instance adaptation.
 
 The paper's second training device is a masking curriculum driven by gate
-entropy: `entropy_curriculum_mask` is called by the trainer each step to
-sample extra masking, aimed at the modalities an over-confident gate leans
-on, at a rate that ramps up linearly over training. The paper's contrastive
-calibration term is not part of this module.
+entropy: extra training-time masking aimed at the modalities an
+over-confident gate leans on (`entropy_targeted_mask`). With
+`curriculum_rate > 0` the module applies it itself in training: a first,
+gradient-free pass of the gate gives the probabilities, the targeted mask is
+sampled from them, and the fusion runs on the reduced mask. The masking
+grows as the gate sharpens (a near-uniform gate, as at initialisation, is
+barely masked), so the entropy itself paces the curriculum; a caller that
+knows the training step can add a linear ramp of the rate with
+`entropy_curriculum_mask`. The paper's contrastive calibration term is not
+part of this module; calibration per modality subset is measured by the
+`robustness` evaluator (`mmjax.evals.robustness`).
 """
 from __future__ import annotations
 
@@ -103,6 +110,8 @@ class GatedFusion(nn.Module):
       (False: mix the features themselves; requires out_dim None).
     out_dim: output width (default: D).
     dropout_rate: dropout in the gate (training only).
+    curriculum_rate: rate r of the entropy-targeted training masking (see
+      `entropy_targeted_mask`; 0 turns it off); rng stream 'dropout'.
     modalities: expected modality names, or None to accept any.
   """
   produces_task_output: ClassVar[bool] = False
@@ -112,11 +121,15 @@ class GatedFusion(nn.Module):
   project: bool = True
   out_dim: int | None = None
   dropout_rate: float = 0.0
+  curriculum_rate: float = 0.0
   modalities: Sequence[str] | None = None
 
   def __post_init__(self):
     if not self.temperature > 0:
       raise ValueError(f"gated temperature must be > 0, got {self.temperature}")
+    if not 0.0 <= self.curriculum_rate <= 1.0:
+      raise ValueError(f"gated curriculum_rate must be in [0, 1], got "
+                       f"{self.curriculum_rate}")
     if self.entropy_coeff < 0:
       raise ValueError(f"gated entropy_coeff must be >= 0, got {self.entropy_coeff}")
     if not self.project and self.out_dim is not None:
@@ -143,6 +156,15 @@ class GatedFusion(nn.Module):
                train: bool = False) -> tuple[Array, dict[str, Array]]:
     """Returns joint [B, out_dim or D] and aux (see class doc)."""
     _, x, present = common.stack_modalities(features, mask, self.modalities)
+    aux_curriculum = {}
+    if train and self.curriculum_rate > 0:
+      first = jax.lax.stop_gradient(self.gate(x, present, train=False))
+      kept = entropy_targeted_mask(present, first, self.make_rng("dropout"),
+                                   rate=self.curriculum_rate)
+      aux_curriculum["stats/curriculum_masked"] = jnp.mean(
+          jnp.sum(present & ~kept, axis=1).astype(jnp.float32))
+      present = kept
+      x = jnp.where(present[..., None], x, jnp.zeros((), x.dtype))
     probs = self.gate(x, present, train=train)
     values = x if self.projection is None else self.projection(x)
     joint = jnp.einsum("bm,bmd->bd", probs.astype(values.dtype), values)
@@ -158,6 +180,7 @@ class GatedFusion(nn.Module):
         "stats/gate_weight": (jnp.sum(probs * present_f, axis=0)
                               / jnp.maximum(jnp.sum(present_f, axis=0), 1.0)),
         "stats/num_present": jnp.mean(jnp.sum(present_f, axis=1)),
+        **aux_curriculum,
     }
     return joint, aux
 
@@ -185,11 +208,14 @@ def entropy_curriculum_mask(mask: Mapping[str, Array] | Array, gate_probs: Array
 
   A uniform gate (Hn_b = 1) gets no extra masking; a gate collapsed on one
   modality has that modality dropped with probability min(1, r_t * M_b), which
-  forces the gate and the model to use the others. The trainer calls this
-  every training step, before the forward pass:
+  forces the gate and the model to use the others. A training loop that
+  knows the step can call this before the forward pass:
 
     probs = fusion.apply(variables, features, mask, method='gate_probabilities')
     mask = entropy_curriculum_mask(mask, probs, rng, step=step, ...)
+
+  (`GatedFusion(curriculum_rate=r)` applies the same masking at a constant
+  rate inside its own training forward pass.)
 
   Args:
     mask: dict modality -> bool [B] (or bool [B, M]).
@@ -204,11 +230,32 @@ def entropy_curriculum_mask(mask: Mapping[str, Array] | Array, gate_probs: Array
   Returns:
     The new mask (same structure as `mask`), a subset of the old one.
   """
+  rate = curriculum_rate(step, max_rate, ramp_steps)
+  return entropy_targeted_mask(mask, gate_probs, rng, rate=rate,
+                               keep_at_least_one=keep_at_least_one)
+
+
+def entropy_targeted_mask(mask: Mapping[str, Array] | Array, gate_probs: Array,
+                          rng: Array, *, rate, keep_at_least_one: bool = True):
+  """Drops modality m of sample b with probability min(1, r (1 - Hn_b) M_b p[b, m]).
+
+  The core of `entropy_curriculum_mask` at a given rate r (see there).
+
+  Args:
+    mask: dict modality -> bool [B] (or bool [B, M]).
+    gate_probs: [B, M] gate probabilities in sorted-name order.
+    rng: PRNG key.
+    rate: r in [0, 1] (a float or a scalar array).
+    keep_at_least_one: if every present modality of a sample was dropped, keep
+      the one the gate relied on least.
+
+  Returns:
+    The new mask (same structure as `mask`), a subset of the old one.
+  """
   present = common.stack_mask(mask)
   if gate_probs.shape != present.shape:
     raise ValueError(f"gate_probs must have the mask's shape [B, M] = "
                      f"{present.shape}, got {gate_probs.shape}")
-  rate = curriculum_rate(step, max_rate, ramp_steps)
   probs = jnp.where(present, jax.lax.stop_gradient(gate_probs).astype(jnp.float32), 0)
   probs = probs / jnp.maximum(jnp.sum(probs, axis=-1, keepdims=True), 1e-12)
   _, normalized = gate_entropy(probs, present)

@@ -98,11 +98,15 @@ class FusionWithTaskHead(nn.Module):
     width: if set, every modality is projected by its own dense layer to this
       width before fusion (absent entries are zeroed first, so garbage in them
       reaches no parameter); if None, the features must already share a width.
+    modality_dropout: in training, each present modality is dropped from the
+      mask with this probability (at least one is kept; `common.modality_dropout`,
+      rng stream 'dropout'), so the fusion learns to work without it.
   """
   kind: str
   fusion_config: tuple = ()
   task_config: tuple | None = None
   width: int | None = None
+  modality_dropout: float = 0.0
 
   def setup(self):
     self.fusion = build_fusion(self.kind, **dict(self.fusion_config))
@@ -125,6 +129,9 @@ class FusionWithTaskHead(nn.Module):
     """Returns (joint [B, D_out], logits [B, C] or None, aux)."""
     names = common.modality_names(features, mask, dict(self.fusion_config).get(
         "modalities"))
+    if train and self.modality_dropout > 0:
+      mask = common.modality_dropout({m: mask[m] for m in names}, self.modality_dropout,
+                                     self.make_rng("dropout"))
     if self.projections is not None:
       features = {m: self.projections[m](jnp.where(
           jnp.asarray(mask[m])[:, None], features[m], 0)) for m in names}
@@ -147,7 +154,8 @@ def build_fusion_from_config(fusion_config: Mapping[str, Any],
   """Builds fusion (+ projections, + task head) from config mappings.
 
   Args:
-    fusion_config: {'kind': ..., 'width': optional common width, **fields}.
+    fusion_config: {'kind': ..., 'width': optional common width,
+      'modality_dropout': optional training-time drop rate, **fields}.
     task_config: optional {'num_classes': C, 'kind': 'classification' |
       'multilabel' | 'regression', 'hidden_dim', 'dropout_rate'}; for `late`
       fusion it supplies the per-modality heads' config.
@@ -163,6 +171,15 @@ def build_fusion_from_config(fusion_config: Mapping[str, Any],
                      f"got fields {sorted(config)}")
   kind = config.pop("kind")
   width = config.pop("width", None)
+  modality_dropout = config.pop("modality_dropout", 0.0)
+  if not 0.0 <= modality_dropout < 1.0:
+    raise ValueError(f"fusion modality_dropout must be in [0, 1), got {modality_dropout}")
+  if modalities is not None and config.get("modalities") is not None:
+    unknown = sorted(set(config["modalities"]) - set(modalities))
+    if set(config["modalities"]) != set(modalities):
+      raise ValueError(f"fusion modalities {sorted(config['modalities'])} do not match "
+                       f"the model's modalities {sorted(modalities)}"
+                       + (f": the model has no encoder for {unknown}" if unknown else ""))
   if modalities is not None and config.get("modalities") is None:
     config["modalities"] = tuple(sorted(modalities))
   if width is not None and config.get("modalities") is None:
@@ -186,4 +203,4 @@ def build_fusion_from_config(fusion_config: Mapping[str, Any],
     TaskHead(**task)
   return FusionWithTaskHead(kind=kind, fusion_config=tuple(sorted(config.items())),
                             task_config=tuple(sorted(task.items())) or None,
-                            width=width)
+                            width=width, modality_dropout=modality_dropout)
