@@ -155,6 +155,13 @@ def build(model_config) -> MultimodalModel:
     registry.build_encoder(e["kind"], e.get("variant"), **_encoder_overrides(e))
   fusion = c.get("fusion")
   task = c.get("task")
+  if fusion is not None:
+    from mmjax import fusion as fusion_lib  # pylint: disable=g-import-not-at-top
+    try:   # an unknown kind or field, or a modality without an encoder, fails here
+      fusion_lib.build_fusion_from_config(dict(fusion), dict(task) if task else None,
+                                          modalities=tuple(sorted(encoders)))
+    except ValueError as e:
+      raise ValueError(f"model.fusion: {e}") from None
   matching = c.get("matching")
   if matching is not None:
     if len(encoders) < 2:
