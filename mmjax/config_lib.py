@@ -45,6 +45,48 @@ def world_data(modalities=("image", "text"), **overrides) -> ml_collections.Conf
   return d
 
 
+def tfds_data(name: str, features, *, data_dir: str | None = None,
+              label_feature: str | None = None, splits=None,
+              **overrides) -> ml_collections.ConfigDict:
+  """`config.data` for a TFDS dataset prepared in array_record format (docs/data.md).
+
+  Args:
+    name: 'dataset[/config][:version]'.
+    features: modality name -> feature path, nested paths joined by '/'
+      (`{'image': 'image', 'text': 'captions/text'}`).
+    data_dir: where the dataset was prepared (None: TFDS's default directory).
+    label_feature: path of an integer scalar feature read as `label`, or None.
+    splits: mmjax split -> TFDS split string (`{'train': 'train[:90%]', ...}`);
+      default: train, test and validation under their own names.
+    **overrides: any other field below (`image_size=64`, `num_threads=4`, ...).
+
+  Returned locked; `features` and `splits` stay open for keys from the command line.
+  """
+  d = ml_collections.ConfigDict()
+  d.kind = "tfds"
+  d.name = name
+  d.data_dir = ml_collections.config_dict.placeholder(str)
+  d.data_dir = data_dir
+  d.features = ml_collections.ConfigDict(dict(features))
+  d.label_feature = ml_collections.config_dict.placeholder(str)
+  d.label_feature = label_feature
+  d.splits = ml_collections.ConfigDict(
+      dict(splits) if splits is not None
+      else {"train": "train", "test": "test", "validation": "validation"})
+  d.num_classes = 0                 # 0: evaluators count the labels they see
+  d.image_size = 0                  # > 0: resize images to [image_size, image_size]
+  d.audio_samples = 0               # > 0: crop / zero-pad waveforms to this length
+  d.text_max_len = 72
+  d.missing = missing_config()
+  d.num_threads = 2
+  d.lock()
+  d.features.unlock()
+  d.splits.unlock()
+  for k, v in overrides.items():   # after lock(): a misspelt field is an error
+    setattr(d, k, v)
+  return d
+
+
 def missing_config(kind="none", **overrides) -> ml_collections.ConfigDict:
   """`config.data.missing` (see `mmjax.data.missing`)."""
   m = ml_collections.ConfigDict()
