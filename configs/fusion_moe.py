@@ -1,0 +1,26 @@
+"""Sparse mixture-of-experts fusion transformer (top-2 of 4 experts, noisy gating,
+capacity factor 1.25, Switch balance loss and router z-loss) on the world task that
+needs image, audio and text (see configs/fusion_common.py). Trains on complete data;
+`:moddrop` / `:mcar` add training-time missingness.
+
+  python -m mmjax.main --config=configs/fusion_moe.py --workdir=runs/fusion_moe
+  python -m mmjax.main --config=configs/fusion_moe.py:runlocal --workdir=/tmp/fusion_moe
+"""
+
+import importlib.util
+import os
+
+
+def _common():
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fusion_common.py")
+  spec = importlib.util.spec_from_file_location("fusion_common", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def get_config(arg=None):
+  fusion = {"kind": "moe", "num_experts": 4, "top_k": 2, "capacity_factor": 1.25,
+            "noisy_gating": True, "num_layers": 2, "num_heads": 2, "moe_every": 2,
+            "balance_loss_weight": 0.01, "z_loss_weight": 0.001}
+  return _common().fusion_task_config("fusion_moe", fusion, arg)
