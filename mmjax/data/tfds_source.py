@@ -6,6 +6,7 @@ feature paths and turns them into what `mmjax.data.pipeline.Featurize` consumes:
 
   image  float32 [H, W, C] in [0, 1]   (uint8 / 255, uint16 / 65535, floats as they are;
                                         optionally resized to `data.image_size`)
+  video  float32 [T, H, W, C] in [0, 1] (frames converted and resized as images)
   audio  float32 [T] or [frames, mels] (integer samples are 16-bit PCM: / 32768;
                                         optionally cropped / zero-padded to
                                         `data.audio_samples`)
@@ -40,6 +41,8 @@ import numpy as np
 # Keys of a record that are not modalities (`pipeline.Featurize` gives them meaning).
 RESERVED_KEYS = ("label", "mask", "index", "factors")
 _PCM16_SCALE = 32768.0
+# Modalities read as pixels: (rank, layout).
+_PIXEL_RANKS = {"image": (3, "[H, W, C]"), "video": (4, "[T, H, W, C]")}
 
 
 def _tfds():
@@ -72,11 +75,16 @@ def _prepare_hint(name: str, data_dir: str) -> str:
           ".download_and_prepare()` (see docs/data.md)")
 
 
-def _dir_listing(data_dir: str) -> str:
+def _dir_listing(name: str, data_dir: str) -> str:
   if not os.path.isdir(data_dir):
     return "the directory does not exist"
   names = sorted(n for n in os.listdir(data_dir) if n not in ("downloads",))
-  return f"it holds {names}" if names else "it is empty"
+  listing = f"it holds {names}" if names else "it is empty"
+  base = re.split(r"[/:]", name)[0]
+  if base in names and os.path.isdir(os.path.join(data_dir, base)):
+    # The dataset is there under another version or config: say which exist.
+    listing += f"; {base}/ holds {sorted(os.listdir(os.path.join(data_dir, base)))}"
+  return listing
 
 
 def load_builder(name: str, data_dir: str | None = None):
@@ -111,7 +119,7 @@ def load_builder(name: str, data_dir: str | None = None):
   if builder is None or not builder.info.splits:
     raise ValueError(
         f"data.name: dataset {name!r} is not prepared in data.data_dir {data_dir!r} "
-        f"({_dir_listing(data_dir)}{reason}); {_prepare_hint(name, data_dir)}")
+        f"({_dir_listing(name, data_dir)}{reason}); {_prepare_hint(name, data_dir)}")
   file_format = builder.info.file_format
   if file_format is not None and file_format.value != "array_record":
     raise ValueError(
@@ -214,15 +222,19 @@ class TfdsSource:
     if dtype is None or shape is None:
       raise ValueError(f"{where}: {kind} is not one array; map a leaf feature (its "
                        "fields are separate paths)")
-    if modality == "image":
-      if len(shape) != 3:
-        raise ValueError(f"{where}: modality 'image' needs [H, W, C] arrays, but the "
+    if modality in _PIXEL_RANKS:
+      rank, layout = _PIXEL_RANKS[modality]
+      if len(shape) != rank:
+        raise ValueError(f"{where}: modality {modality!r} needs {layout} arrays, but the "
                          f"feature has shape {shape}")
       if dtype not in (np.uint8, np.uint16) and dtype.kind != "f":
-        raise ValueError(f"{where}: image dtype {dtype} is not uint8, uint16 or float")
-      if None in shape[:2] and not self.image_size:
-        raise ValueError(f"{where}: images have no fixed size {shape}; set "
+        raise ValueError(f"{where}: {modality} dtype {dtype} is not uint8, uint16 or float")
+      if None in shape[-3:-1] and not self.image_size:
+        raise ValueError(f"{where}: {modality} frames have no fixed size {shape}; set "
                          "data.image_size to resize them")
+      if modality == "video" and shape[0] is None:
+        raise ValueError(f"{where}: videos have no fixed number of frames {shape}; "
+                         "batches need one")
     elif modality == "audio":
       if len(shape) not in (1, 2):
         raise ValueError(f"{where}: modality 'audio' needs a [T] waveform or [frames, mels] "
@@ -260,15 +272,17 @@ class TfdsSource:
       value = value.item() if isinstance(value, np.ndarray) else value
       return value.decode("utf-8") if isinstance(value, bytes) else str(value)
     array = np.asarray(value)
-    if modality == "image":
-      return self._image(array)
+    if modality in _PIXEL_RANKS:
+      return self._pixels(array)
     if modality == "audio":
       return self._audio(array)
     return array.astype(np.float32) if array.dtype.kind == "f" else array
 
-  def _image(self, image: np.ndarray) -> np.ndarray:
-    if self.image_size and image.shape[:2] != (self.image_size, self.image_size):
-      image = _resize(image, self.image_size)
+  def _pixels(self, image: np.ndarray) -> np.ndarray:
+    """An image [H, W, C] or video [T, H, W, C] as float32 in [0, 1]."""
+    if self.image_size and image.shape[-3:-1] != (self.image_size, self.image_size):
+      image = (_resize(image, self.image_size) if image.ndim == 3
+               else np.stack([_resize(frame, self.image_size) for frame in image]))
     if image.dtype == np.uint8:
       return image.astype(np.float32) / np.float32(255)
     if image.dtype == np.uint16:
