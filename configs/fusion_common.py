@@ -27,6 +27,10 @@ each method is built for (see each config). Variants (`arg`, comma-separated):
              the mask with probability 0.3, at least one kept)
   mcar       training data with each modality missing completely at random, 30%
   complete   training data with every modality present
+  redundant  each modality expresses two label factors, so any two modalities carry
+             the whole label (image: colour+shape, audio: size+colour, text:
+             shape+size; oracle: 1/3, 1/5, 1/6 alone, 1 with any two); a model that
+             reads each factor from one modality only loses accuracy it could keep
 """
 
 from __future__ import annotations
@@ -37,10 +41,12 @@ from mmjax import config_lib
 
 MODALITIES = ("audio", "image", "text")
 EXPRESSES = {"image": ("colour",), "audio": ("size",), "text": ("shape",)}
+REDUNDANT_EXPRESSES = {"image": ("colour", "shape"), "audio": ("size", "colour"),
+                       "text": ("shape", "size")}
 LABEL_FACTORS = ("shape", "colour", "size")
 NUM_CLASSES = 5 * 6 * 3
 TRAIN_MISSING_RATE = 0.3
-VARIANTS = ("runlocal", "moddrop", "mcar", "complete")
+VARIANTS = ("runlocal", "moddrop", "mcar", "complete", "redundant")
 
 
 def parse_arg(arg) -> set[str]:
@@ -78,7 +84,8 @@ def fusion_task_config(name: str, fusion: dict, arg=None, *,
   c.eval_every_steps = 600
 
   c.data.modalities = MODALITIES
-  c.data.expresses = ml_collections.ConfigDict(dict(EXPRESSES))
+  c.data.expresses = ml_collections.ConfigDict(
+      dict(REDUNDANT_EXPRESSES if "redundant" in variants else EXPRESSES))
   c.data.label = ml_collections.ConfigDict(
       {"factors": LABEL_FACTORS, "mode": "product", "num_classes": 0})
   c.data.sizes.test = 2048
@@ -114,6 +121,10 @@ def fusion_task_config(name: str, fusion: dict, arg=None, *,
       "robustness": {"kind": "robustness", "split": "test", "every": -1,
                      "batch_size": 256, "rates": (0.0, 0.1, 0.3, 0.5, 0.7)},
   })
+
+  if "redundant" in variants:   # two factors in a caption: up to 38 bytes
+    c.data.text_max_len = 40
+    c.model.encoders.text.max_len = 40
 
   if "runlocal" in variants:
     c.total_steps = 6

@@ -175,9 +175,9 @@ def markdown_table(metrics: Mapping[str, float], modalities: Sequence[str],
                    rates: Sequence[float]) -> str:
   """The evaluator's metrics as a markdown table: one row per condition."""
   has_ceiling = any(k.endswith("/ceiling") for k in metrics)
-  header = "| condition | accuracy | ECE |" + (" oracle |" if has_ceiling else "")
+  header = "| present / missing rate | accuracy | ECE |" + (" oracle |" if has_ceiling else "")
   lines = [header, "|---|---|---|" + ("---|" if has_ceiling else "")]
-  rows = [(missing_lib.combination_name(s), f"only {missing_lib.combination_name(s)}")
+  rows = [(missing_lib.combination_name(s), missing_lib.combination_name(s))
           for s in missing_lib.all_combinations(modalities)]
   rows += [(rate_name(r), f"missing rate {r:g}") for r in rates]
   for key, label in rows:
@@ -200,9 +200,9 @@ def plot_robustness(metrics: Mapping[str, float], modalities: Sequence[str],
   if any(k.endswith("/ceiling") for k in metrics):
     columns.append("ceiling")
   matrix = [[metrics.get(f"{k}/{col}", np.nan) for col in columns] for k in keys]
-  return plots.plot_heatmap(np.asarray(matrix, np.float64), keys, columns, path,
-                            title=title, vmin=0.0, vmax=1.0,
-                            colorbar_label="accuracy / ECE")
+  labels = [c.replace("ceiling", "oracle") for c in columns]
+  return plots.plot_heatmap(np.asarray(matrix, np.float64), keys, labels, path,
+                            title=title, vmin=0.0, vmax=1.0)
 
 
 def evaluate_robustness(ctx: EvalContext, *, split: str, batch_size: int,
@@ -260,7 +260,7 @@ def robustness(ctx: EvalContext, c) -> dict[str, float]:
   if ctx.writes_files and c.plot:
     os.makedirs(ctx.plot_dir, exist_ok=True)
     plot_robustness(metrics, modalities, rates, ctx.plot_path("heatmap.png"),
-                    title=f"{ctx.config.name}: missing modalities, step {ctx.step}")
+                    title=f"{ctx.config.name} (step {ctx.step})")
   ctx.add_report(f"Robustness to missing modalities ({ctx.name or 'robustness'})",
                  f"Split `{c.split}`, step {ctx.step}.\n\n"
                  + markdown_table(metrics, modalities, rates))

@@ -248,8 +248,6 @@ def initialize(plan: Plan) -> None:
   import numpy as np  # pylint: disable=g-import-not-at-top
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
 
-  if "JAX_CPU_COLLECTIVES_IMPLEMENTATION" not in os.environ:
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
   timeout = plan.timeout_s
   if plan.coordinator_address is not None and plan.process_id is not None:
     if plan.process_id == 0:
@@ -258,6 +256,8 @@ def initialize(plan: Plan) -> None:
       waited = wait_for_coordinator(plan.coordinator_address, timeout,
                                     process_id=plan.process_id)
       timeout = max(1, math.ceil(timeout - waited))
+  if "JAX_CPU_COLLECTIVES_IMPLEMENTATION" not in os.environ:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
   logging.info("joining a %s run: coordinator %s, process %s of %s (timeout %d s)",
                plan.source, plan.coordinator_address or "<detected>",
                plan.process_id if plan.process_id is not None else "<detected>",

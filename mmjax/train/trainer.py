@@ -21,8 +21,10 @@ from jax.experimental import multihost_utils
 from mmjax import models
 from mmjax.data import missing as missing_lib
 from mmjax.data import pipeline
+from mmjax.data import world as world_lib
 from mmjax.evals import evaluators as evaluators_lib
 from mmjax.train import checkpoint as ckpt_lib
+from mmjax.train import distributed
 from mmjax.train import logging as log_lib
 from mmjax.train import mesh as mesh_lib
 from mmjax.train import objectives
@@ -73,14 +75,17 @@ def check_config(config, mesh) -> None:
     if m not in produced:
       raise ValueError(f"model.encoders.{m}: the data ({config.data.kind}) produces no "
                        f"modality {m!r}; it produces {sorted(produced)}")
-  num_data = mesh.shape["data"]
-  if config.batch_size % num_data:
-    raise ValueError(f"batch_size {config.batch_size} is not divisible by the {num_data} "
-                     f"devices of the mesh axis 'data'")
-  if config.batch_size % jax.process_count():
-    raise ValueError(f"batch_size {config.batch_size} is not divisible by the "
-                     f"{jax.process_count()} processes")
+  distributed.check_global_batch(config.batch_size, num_processes=jax.process_count(),
+                                 devices_per_process=jax.local_device_count(),
+                                 data_axis_size=mesh.shape["data"])
   objectives.get(config.objective.kind)
+  task = config.model.get("task")
+  if task is not None and config.data.kind == "world":
+    num_classes = world_lib.WorldSpec.from_config(config.data).num_classes
+    if task.num_classes != num_classes:
+      raise ValueError(f"model.task.num_classes={task.num_classes}, but data.label "
+                       f"{tuple(config.data.label.factors)} ({config.data.label.mode}) "
+                       f"has {num_classes} classes")
 
 
 def make_featurize(config) -> pipeline.Featurize:
