@@ -627,3 +627,13 @@ def test_joint_ceiling_uses_the_factors_the_targets_express_together():
       world_lib.oracle_recall_at_1(factors, ("shape", "colour", "position")))
   assert joint_retrieval.joint_ceiling(spec, "text", ("image", "audio"), factors) > (
       world_lib.oracle_recall_at_1(factors, ("shape", "position")))
+
+
+def test_siglip_config_is_the_default_with_sigmoid_loss(mesh8):
+  siglip, default = _load_config("siglip", "runlocal"), _load_config("default", "runlocal")
+  assert siglip.objective.kind == "siglip"
+  assert siglip.model.logit_bias_init == align.SIGLIP_INIT_LOGIT_BIAS
+  assert siglip.model.logit_scale_init == pytest.approx(math.log(10.0))
+  assert siglip.model.encoders.to_dict() == default.model.encoders.to_dict()
+  trainer.check_config(siglip, mesh8)
+  models.build(siglip.model)
