@@ -54,6 +54,10 @@ def load_params(workdir: str, step: int) -> dict:
   return jax.tree.map(np.asarray, checkpointer.restore(path, target)["params"])
 
 
+def _param_names(params) -> set[str]:
+  return {jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(params)}
+
+
 def compare(workdir_a: str, workdir_b: str) -> dict:
   """{'steps', 'max_loss_diff', 'param_step', 'max_param_diff', 'max_param'} of two
   runs (`max_param`: the largest |parameter| of run A, for scale).
@@ -71,7 +75,10 @@ def compare(workdir_a: str, workdir_b: str) -> dict:
   step = common[-1]
   pa, pb = load_params(workdir_a, step), load_params(workdir_b, step)
   if jax.tree.structure(pa) != jax.tree.structure(pb):
-    raise ValueError("the runs' params have different structures")
+    names_a, names_b = _param_names(pa), _param_names(pb)
+    raise ValueError(f"the runs' params differ in structure (different models?): only in "
+                     f"{workdir_a}: {sorted(names_a - names_b)[:5]}; only in {workdir_b}: "
+                     f"{sorted(names_b - names_a)[:5]}")
   diffs, scale = [], 0.0
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(pa), jax.tree.leaves(pb)):
     if a.shape != b.shape:
