@@ -18,6 +18,7 @@ def get_config(arg=None):
   c.data.num_threads = 1
   c.evals.retrieval.batch_size = 16
   c.model.embed_dim = 32
-  c.model.encoders.image = config_lib.encoder("vit", "mu", patch_size=8, width=32, depth=1)
+  c.model.encoders.image = config_lib.encoder("vit", "mu", patch_size=8, width=32, depth=1,
+                                             stem="conv")
   c.model.encoders.text = config_lib.encoder("text", "mu", width=32, depth=1, max_len=56)
   return c
