@@ -67,6 +67,9 @@ def compare(workdir_a: str, workdir_b: str) -> dict:
       their params differ in structure or shape.
   """
   la, lb = losses(workdir_a), losses(workdir_b)
+  if not la:
+    raise ValueError(f"{workdir_a} logged no train/loss (run with --config.log_every_steps=1 "
+                     f"to compare every step)")
   if sorted(la) != sorted(lb):
     raise ValueError(f"the runs logged different steps: {sorted(la)} vs {sorted(lb)}")
   common = sorted(set(checkpoint_steps(workdir_a)) & set(checkpoint_steps(workdir_b)))

@@ -9,7 +9,8 @@
 #
 # Runs `python -m mmjax.main --config=CONFIG --workdir=WORKDIR [flags]`. Running the
 # same command again on a workdir with checkpoints resumes where it stopped; SIGTERM
-# or Ctrl-C saves a checkpoint at the current step and exits 0.
+# saves a checkpoint at the current step and exits 0 (Ctrl-C stops without saving; the
+# last checkpoint is kept).
 #
 # Environment:
 #   PYTHON       interpreter (default: the repository's .venv/bin/python if it exists,
