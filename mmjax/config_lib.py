@@ -36,6 +36,7 @@ def world_data(modalities=("image", "text"), **overrides) -> ml_collections.Conf
   d.audio_samples = 4000
   d.sample_rate = 8000
   d.text_max_len = 72
+  d.tokenizer = "byte"              # or 'sentencepiece:PATH' (a .model file)
   d.label = ml_collections.ConfigDict(
       {"factors": ("shape",), "mode": "product", "num_classes": 0})
   d.missing = missing_config()
@@ -77,6 +78,7 @@ def tfds_data(name: str, features, *, data_dir: str | None = None,
   d.image_size = 0                  # > 0: resize images to [image_size, image_size]
   d.audio_samples = 0               # > 0: crop / zero-pad waveforms to this length
   d.text_max_len = 72
+  d.tokenizer = "byte"              # or 'sentencepiece:PATH' (a .model file)
   d.missing = missing_config()
   d.num_threads = 2
   d.lock()

@@ -102,3 +102,33 @@ def test_bad_inputs(default_model, tmp_path):
     tok.encode(b'bytes')
   with pytest.raises(ValueError, match='outside the vocabulary'):
     tok.decode([2, tok.vocab_size, 3])
+
+
+def test_sentencepiece_from_the_data_config(default_model, mesh8):
+  """data.tokenizer='sentencepiece:PATH' tokenises the world's captions with the model;
+  a text encoder whose ids do not match is an error naming the fields."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  from mmjax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from mmjax.train import trainer  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location(
+      'tiny_config', os.path.join(os.path.dirname(__file__), 'configs', 'tiny.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  config.data.tokenizer = f'sentencepiece:{default_model}'
+  with pytest.raises(ValueError, match=r"model.encoders.text does not match data.tokenizer="
+                     r".*vocab_size=259 \(the tokenizer's is \d+\).*eos_id=2 \(the "
+                     r"tokenizer's is 3\)"):
+    trainer.check_config(config, mesh8)
+  tok = SentencePieceTokenizer(default_model, max_len=config.data.text_max_len)
+  config.model.encoders.text.vocab_size = tok.vocab_size
+  config.model.encoders.text.eos_id = tok.eos_id
+  trainer.check_config(config, mesh8)
+  featurize = trainer.make_featurize(config)
+  source = pipeline.make_source(config.data, 'train')
+  row = featurize((0, source[0]))
+  np.testing.assert_array_equal(row['text'], tok.encode(source[0]['text']))
+  config.data.tokenizer = 'bpe'
+  with pytest.raises(ValueError, match=r"data.tokenizer='bpe': expected 'byte' or "
+                     r"'sentencepiece:PATH'"):
+    trainer.check_config(config, mesh8)

@@ -49,9 +49,10 @@ class Featurize:
   """
 
   def __init__(self, modalities: Sequence[str], text_max_len: int,
-               missingness: missing_lib.Missingness | None = None):
+               missingness: missing_lib.Missingness | None = None,
+               tokenizer: str = "byte"):
     self.modalities = tuple(modalities)
-    self.tokenizer = tokenizer_lib.ByteTokenizer(text_max_len)
+    self.tokenizer = tokenizer_lib.make_tokenizer(tokenizer, text_max_len)
     self.missingness = missingness
 
   def __call__(self, index_and_record) -> Batch:

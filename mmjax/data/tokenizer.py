@@ -54,3 +54,16 @@ class ByteTokenizer:
           raise ValueError(f"token id {i} is outside the byte vocabulary (size {VOCAB_SIZE})")
         out.append(i - BYTE_OFFSET)
     return bytes(out).decode("utf-8", errors="replace")
+
+
+def make_tokenizer(spec: str, max_len: int):
+  """The tokenizer `config.data.tokenizer` names: 'byte' (this module's), or
+  'sentencepiece:PATH' for a SentencePiece model file (`SentencePieceTokenizer`)."""
+  if spec == "byte":
+    return ByteTokenizer(max_len)
+  kind, _, path = spec.partition(":")
+  if kind == "sentencepiece" and path:
+    from mmjax.data.sentencepiece_tokenizer import SentencePieceTokenizer  # pylint: disable=g-import-not-at-top
+    return SentencePieceTokenizer(path, max_len)
+  raise ValueError(f"data.tokenizer={spec!r}: expected 'byte' or 'sentencepiece:PATH' "
+                   f"(a SentencePiece .model file)")

@@ -21,6 +21,7 @@ from jax.experimental import multihost_utils
 from mmjax import models
 from mmjax.data import missing as missing_lib
 from mmjax.data import pipeline
+from mmjax.data import tokenizer as tokenizer_lib
 from mmjax.data import world as world_lib
 from mmjax.evals import evaluators as evaluators_lib
 from mmjax.train import checkpoint as ckpt_lib
@@ -79,6 +80,7 @@ def check_config(config, mesh) -> None:
                                  devices_per_process=jax.local_device_count(),
                                  data_axis_size=mesh.shape["data"])
   objectives.get(config.objective.kind)
+  check_tokenizer(config)
   task = config.model.get("task")
   if task is not None and config.data.kind == "world":
     num_classes = world_lib.WorldSpec.from_config(config.data).num_classes
@@ -91,7 +93,31 @@ def check_config(config, mesh) -> None:
 def make_featurize(config) -> pipeline.Featurize:
   modalities = model_modalities(config)
   missingness = missing_lib.Missingness.from_config(config.data.missing, modalities)
-  return pipeline.Featurize(modalities, config.data.text_max_len, missingness)
+  return pipeline.Featurize(modalities, config.data.text_max_len, missingness,
+                            tokenizer=config.data.get("tokenizer", "byte"))
+
+
+def check_tokenizer(config) -> None:
+  """Text encoders must read the ids the data's tokenizer writes: same vocabulary size,
+  pad and eos ids, and room for `data.text_max_len` tokens."""
+  spec = config.data.get("tokenizer", "byte")
+  tokenizer = tokenizer_lib.make_tokenizer(spec, config.data.text_max_len)
+  for m, enc in config.model.encoders.items():
+    if enc.kind != "text":
+      continue
+    module = models.build_encoder(**enc.to_dict())
+    wanted = {"vocab_size": tokenizer.vocab_size, "pad_id": tokenizer.pad_id,
+              "eos_id": tokenizer.eos_id}
+    wrong = {k: (getattr(module, k), v) for k, v in wanted.items() if getattr(module, k) != v}
+    if wrong:
+      raise ValueError(
+          f"model.encoders.{m} does not match data.tokenizer={spec!r}: "
+          + ", ".join(f"{k}={have} (the tokenizer's is {want})"
+                      for k, (have, want) in wrong.items())
+          + "; set these fields in the encoder config")
+    if module.max_len < config.data.text_max_len:
+      raise ValueError(f"model.encoders.{m}.max_len={module.max_len} is shorter than "
+                       f"data.text_max_len={config.data.text_max_len}")
 
 
 def sample_batch(source, featurize, size: int = 1) -> dict:
