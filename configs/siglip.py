@@ -5,22 +5,14 @@ sigmoid loss (a device ring over 'data') in place of CLIP's softmax.
   python -m mmjax.main --config=configs/siglip.py:runlocal --workdir=/tmp/siglip
 """
 
-import importlib.util
 import os
 
 from mmjax import align
-
-
-def _default_config(arg):
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default.py")
-  spec = importlib.util.spec_from_file_location("default_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+from mmjax import config_lib
 
 
 def get_config(arg=None):
-  c = _default_config(arg)
+  c = config_lib.load_config(os.path.join(os.path.dirname(__file__), "default.py"), arg)
   c.name = "siglip"
   c.objective.kind = "siglip"
   c.objective.label_smoothing = 0.0

@@ -7,7 +7,9 @@ the command line (`--config.optimizer.lr=...`). Parts are chosen by registered n
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
 
 import ml_collections
 
@@ -163,3 +165,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.encoders.unlock()
   c.evals.unlock()
   return c
+
+
+def load_config(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  """`get_config(arg)` of the config file at `path`; 'file.py:arg' also gives `arg`
+  (as on the command line: `--config=configs/default.py:runlocal`). For notebooks, tests
+  and configs built on other configs."""
+  if arg is None and ":" in os.path.basename(path):
+    path, arg = path.rsplit(":", 1)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"no config file {path!r}")
+  name = "config_" + os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)

@@ -12,6 +12,7 @@ import time
 import numpy as np
 import pytest
 
+from mmjax import config_lib
 from mmjax.data import pipeline
 from mmjax.train import checkpoint as ckpt_lib
 from mmjax.train import distributed
@@ -31,12 +32,7 @@ def free_port() -> int:
 
 
 def tiny_config(**overrides):
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location(
-      "tiny_config", os.path.join(REPO, "tests", "configs", "tiny.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config()
+  c = config_lib.load_config(os.path.join(REPO, "tests", "configs", "tiny.py"))
   for k, v in overrides.items():
     setattr(c, k, v)
   return c

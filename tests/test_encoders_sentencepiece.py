@@ -107,14 +107,11 @@ def test_bad_inputs(default_model, tmp_path):
 def test_sentencepiece_from_the_data_config(default_model, mesh8):
   """data.tokenizer='sentencepiece:PATH' tokenises the world's captions with the model;
   a text encoder whose ids do not match is an error naming the fields."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
+  from mmjax import config_lib  # pylint: disable=g-import-not-at-top
   from mmjax.data import pipeline  # pylint: disable=g-import-not-at-top
   from mmjax.train import trainer  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location(
-      'tiny_config', os.path.join(os.path.dirname(__file__), 'configs', 'tiny.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  config = config_lib.load_config(
+      os.path.join(os.path.dirname(__file__), 'configs', 'tiny.py'))
   config.data.tokenizer = f'sentencepiece:{default_model}'
   with pytest.raises(ValueError, match=r"model.encoders.text does not match data.tokenizer="
                      r".*vocab_size=259 \(the tokenizer's is \d+\).*eos_id=2 \(the "

@@ -3,7 +3,6 @@ final evaluation, plots are valid PNGs, checkpoints and the run's files are unto
 and each bad input (no checkpoints, a step not saved, an unknown evaluator) is named."""
 
 import hashlib
-import importlib.util
 import json
 import os
 import subprocess
@@ -12,6 +11,7 @@ import sys
 import matplotlib.image
 import pytest
 
+from mmjax import config_lib
 from mmjax.evals import eval_mode
 from mmjax.evals import evaluators as ev
 from mmjax.train import trainer
@@ -22,10 +22,7 @@ TINY = os.path.join(REPO, "tests", "configs", "tiny.py")
 
 def _config():
   """tests/configs/tiny.py, 4 steps, checkpoints at 2 and 4, every evaluator."""
-  spec = importlib.util.spec_from_file_location("tiny_config", TINY)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config()
+  c = config_lib.load_config(TINY)
   c.total_steps = 4
   c.checkpoint_every_steps = 2
   c.eval_every_steps = 4

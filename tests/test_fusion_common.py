@@ -1,5 +1,4 @@
 """Masks, combinations, modality dropout, input checks, registry and task heads."""
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +11,6 @@ from mmjax import fusion
 def _key(seed):
   # rbg keys: threefry kernels take seconds to compile on small CPU machines.
   return jax.random.key(seed, impl="rbg")
-from mmjax.fusion import common
 
 
 def _mask(rows):

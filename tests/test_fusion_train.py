@@ -2,7 +2,6 @@
 robustness evaluation; the `task` objective, modality dropout and the gated
 curriculum against direct computations; bad input."""
 
-import importlib.util
 import json
 import os
 
@@ -12,7 +11,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from mmjax import fusion, models
+from mmjax import config_lib, fusion, models
 from mmjax.data import missing as missing_lib
 from mmjax.data import pipeline
 from mmjax.data import world as world_lib
@@ -40,11 +39,7 @@ def rbg_keys():
 
 
 def load_config(name, arg=None):
-  spec = importlib.util.spec_from_file_location(
-      name, os.path.join(REPO, "configs", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return config_lib.load_config(os.path.join(REPO, "configs", f"{name}.py"), arg)
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -5,7 +5,6 @@ direct call of the align function on the same embeddings; matching negatives are
 never the positive and follow softmax(-volume); bad configs fail with clear errors.
 """
 
-import importlib.util
 import math
 import os
 
@@ -521,11 +520,7 @@ def test_trimodal_gram_with_matching_learns_and_equals_direct_call(tmp_path):
 
 
 def _load_config(name, arg=None):
-  spec = importlib.util.spec_from_file_location(
-      f"config_{name}", os.path.join(REPO, "configs", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return config_lib.load_config(os.path.join(REPO, "configs", f"{name}.py"), arg)
 
 
 @pytest.mark.parametrize("arg", [None, "runlocal", "matching,runlocal"])

@@ -1,7 +1,6 @@
 """The TFDS source: a tiny dataset prepared in array_record format here, read back through
 `pipeline.make_source` and the grain pipeline, a 2-step training run on it, bad input."""
 
-import importlib.util
 import json
 import os
 import shutil
@@ -12,7 +11,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from mmjax import config_lib
-from mmjax.data import pipeline, tfds_source
+from mmjax.data import pipeline
 from mmjax.train import trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -156,11 +155,7 @@ def test_resize_and_crop(data_dir):
 
 
 def test_train_and_evaluate_two_steps(data_dir, tmp_path):
-  spec = importlib.util.spec_from_file_location(
-      "tiny_config", os.path.join(REPO, "tests", "configs", "tiny.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  config = config_lib.load_config(os.path.join(REPO, "tests", "configs", "tiny.py"))
   config.data = _data_config(data_dir)
   config.total_steps = 2
   config.checkpoint_every_steps = 2

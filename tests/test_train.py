@@ -1,6 +1,5 @@
 """The trainer: 1-vs-8-device equivalence, learning, exact resume, the CLI, bad input."""
 
-import importlib.util
 import os
 import signal
 import subprocess
@@ -25,11 +24,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def tiny_config(**overrides):
   """tests/configs/tiny.py with `field.path=value` overrides."""
-  spec = importlib.util.spec_from_file_location(
-      "tiny_config", os.path.join(REPO, "tests", "configs", "tiny.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config()
+  c = config_lib.load_config(os.path.join(REPO, "tests", "configs", "tiny.py"))
   for k, v in overrides.items():
     node = c
     *path, last = k.split(".")

@@ -12,7 +12,6 @@ import json
 import os
 import signal
 import time
-from typing import Any
 
 import jax
 import numpy as np
