@@ -289,17 +289,5 @@ class AudioTransformer(nn.Module):
           axis=1)
     x = nn.Dropout(self.dropout)(x, deterministic=not train)
 
-    mlp_dim = self.mlp_dim or 4 * self.width
-    x = layers.TransformerStack(
-        depth=self.depth, num_heads=self.num_heads, mlp_dim=mlp_dim,
-        dropout=self.dropout, attn_dropout=self.attn_dropout,
-        drop_path=self.drop_path, dtype=self.dtype, remat=self.remat,
-        scan_layers=self.scan_layers, name='encoder')(x, train=train)
-    if self.pool == 'cls':
-      out = x[:, 0]
-    elif self.pool == 'gap':
-      out = x.mean(axis=1)
-    else:
-      out = layers.MAPHead(self.num_heads, mlp_dim, self.dtype,
-                           name='map_head')(x)
-    return out.astype(jnp.float32)
+    x = layers.encoder_stack(self, x, train=train)
+    return layers.pool_tokens(self, x)

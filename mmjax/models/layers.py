@@ -177,6 +177,34 @@ class TransformerStack(nn.Module):
     return nn.LayerNorm(dtype=self.dtype, name='encoder_norm')(x)
 
 
+def encoder_stack(encoder: nn.Module, x: jax.Array, mask=None, *,
+                  train: bool) -> jax.Array:
+  """The `TransformerStack` of an encoder module, built from its own fields
+  (depth, num_heads, mlp_dim or 4 * width, dropout rates, dtype, remat,
+  scan_layers) and named 'encoder'. Call it inside the encoder's compact
+  `__call__`, so the stack is the encoder's submodule."""
+  return TransformerStack(
+      depth=encoder.depth, num_heads=encoder.num_heads,
+      mlp_dim=encoder.mlp_dim or 4 * encoder.width, dropout=encoder.dropout,
+      attn_dropout=encoder.attn_dropout, drop_path=encoder.drop_path,
+      dtype=encoder.dtype, remat=encoder.remat, scan_layers=encoder.scan_layers,
+      name='encoder')(x, mask, train=train)
+
+
+def pool_tokens(encoder: nn.Module, x: jax.Array, valid=None) -> jax.Array:
+  """float32 [B, width]: `encoder.pool` of tokens [B, N, width]: 'cls' (token 0),
+  'gap' / 'mean' (mean over the `valid` tokens, all when None) or 'map' (a
+  `MAPHead` named 'map_head'). Call it inside the encoder's compact `__call__`."""
+  if encoder.pool == 'cls':
+    out = x[:, 0]
+  elif encoder.pool in ('gap', 'mean'):
+    out = x.mean(axis=1) if valid is None else masked_mean(x, valid)
+  else:
+    out = MAPHead(encoder.num_heads, encoder.mlp_dim or 4 * encoder.width,
+                  encoder.dtype, name='map_head')(x, valid)
+  return out.astype(jnp.float32)
+
+
 class MAPHead(nn.Module):
   """Multihead attention pooling: a learned probe attends over the tokens.
 

@@ -130,12 +130,7 @@ class TextTransformer(nn.Module):
     x = nn.Dropout(self.dropout)(x, deterministic=not train)
 
     mask = layers.padding_attention_mask(valid, self.causal)
-    x = layers.TransformerStack(
-        depth=self.depth, num_heads=self.num_heads,
-        mlp_dim=self.mlp_dim or 4 * self.width, dropout=self.dropout,
-        attn_dropout=self.attn_dropout, drop_path=self.drop_path,
-        dtype=self.dtype, remat=self.remat, scan_layers=self.scan_layers,
-        name='encoder')(x, mask, train=train)
+    x = layers.encoder_stack(self, x, mask, train=train)
 
     if self.pool in ('eos', 'last'):
       positions = jnp.arange(length)[None, :]

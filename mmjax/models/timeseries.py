@@ -115,19 +115,6 @@ class TimeSeriesTransformer(nn.Module):
       valid = jnp.concatenate([jnp.ones((batch, 1), bool), valid], axis=1)
     x = nn.Dropout(self.dropout)(x, deterministic=not train)
 
-    mlp_dim = self.mlp_dim or 4 * self.width
-    x = layers.TransformerStack(
-        depth=self.depth, num_heads=self.num_heads, mlp_dim=mlp_dim,
-        dropout=self.dropout, attn_dropout=self.attn_dropout,
-        drop_path=self.drop_path, dtype=self.dtype, remat=self.remat,
-        scan_layers=self.scan_layers, name='encoder')(
-            x, layers.padding_attention_mask(valid, causal=False),
-            train=train)
-    if self.pool == 'cls':
-      out = x[:, 0]
-    elif self.pool == 'mean':
-      out = layers.masked_mean(x, valid)
-    else:
-      out = layers.MAPHead(self.num_heads, mlp_dim, self.dtype,
-                           name='map_head')(x, valid)
-    return out.astype(jnp.float32)
+    x = layers.encoder_stack(
+        self, x, layers.padding_attention_mask(valid, causal=False), train=train)
+    return layers.pool_tokens(self, x, valid)
