@@ -9,16 +9,14 @@ The plain baseline trains on complete data; `:moddrop` adds modality dropout and
   python -m mmjax.main --config=configs/fusion_concat.py:runlocal --workdir=/tmp/fusion_concat
 """
 
-import importlib.util
 import os
+
+from mmjax import config_lib
 
 
 def _common():
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fusion_common.py")
-  spec = importlib.util.spec_from_file_location("fusion_common", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return config_lib.load_config_module(
+      os.path.join(os.path.dirname(os.path.abspath(__file__)), "fusion_common.py"))
 
 
 def get_config(arg=None):

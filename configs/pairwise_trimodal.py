@@ -8,16 +8,14 @@ retrieval text -> (image, audio) scores a tuple by the sum of its cosine similar
 to the text. `arg` takes the variants of gram_trimodal.py ('runlocal', 'matching').
 """
 
-import importlib.util
 import os
+
+from mmjax import config_lib
 
 
 def _gram_trimodal():
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gram_trimodal.py")
-  spec = importlib.util.spec_from_file_location("gram_trimodal_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return config_lib.load_config_module(
+      os.path.join(os.path.dirname(os.path.abspath(__file__)), "gram_trimodal.py"))
 
 
 def get_config(arg=None):

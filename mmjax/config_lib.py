@@ -167,16 +167,22 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-def load_config(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
-  """`get_config(arg)` of the config file at `path`; 'file.py:arg' also gives `arg`
-  (as on the command line: `--config=configs/default.py:runlocal`). For notebooks, tests
-  and configs built on other configs."""
-  if arg is None and ":" in os.path.basename(path):
-    path, arg = path.rsplit(":", 1)
+def load_config_module(path: str):
+  """The config file at `path` as a module (for a config built on another file's
+  functions, e.g. configs/fusion_common.py)."""
   if not os.path.isfile(path):
     raise FileNotFoundError(f"no config file {path!r}")
   name = "config_" + os.path.splitext(os.path.basename(path))[0]
   spec = importlib.util.spec_from_file_location(name, path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return module
+
+
+def load_config(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  """`get_config(arg)` of the config file at `path`; 'file.py:arg' also gives `arg`
+  (as on the command line: `--config=configs/default.py:runlocal`). For notebooks, tests
+  and configs built on other configs."""
+  if arg is None and ":" in os.path.basename(path):
+    path, arg = path.rsplit(":", 1)
+  return load_config_module(path).get_config(arg)
