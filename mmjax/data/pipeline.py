@@ -55,6 +55,13 @@ class Featurize:
     self.tokenizer = tokenizer_lib.make_tokenizer(tokenizer, text_max_len)
     self.missingness = missingness
 
+  @classmethod
+  def from_config(cls, data_config, modalities: Sequence[str],
+                  missingness: missing_lib.Missingness | None = None) -> "Featurize":
+    """The featurizer `config.data` asks for (text length, tokenizer)."""
+    return cls(modalities, data_config.text_max_len, missingness,
+               tokenizer=data_config.get("tokenizer", "byte"))
+
   def __call__(self, index_and_record) -> Batch:
     index, record = index_and_record
     example: Batch = {}

@@ -219,8 +219,7 @@ def evaluate_robustness(ctx: EvalContext, *, split: str, batch_size: int,
     raw = ctx.source(split)
   except ValueError as e:
     raise ValueError(f"robustness split {split!r}: {e}") from None
-  clean = pipeline.Featurize(modalities, config.data.text_max_len, None,
-                             tokenizer=config.data.get("tokenizer", "byte"))
+  clean = pipeline.Featurize.from_config(config.data, modalities)
   source = _CachedSource(raw, clean)
 
   conditions: list[tuple[str, Any]] = []

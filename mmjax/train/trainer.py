@@ -92,8 +92,7 @@ def check_config(config, mesh) -> None:
 def make_featurize(config) -> pipeline.Featurize:
   modalities = model_modalities(config)
   missingness = missing_lib.Missingness.from_config(config.data.missing, modalities)
-  return pipeline.Featurize(modalities, config.data.text_max_len, missingness,
-                            tokenizer=config.data.get("tokenizer", "byte"))
+  return pipeline.Featurize.from_config(config.data, modalities, missingness)
 
 
 def check_tokenizer(config) -> None:
