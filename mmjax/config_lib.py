@@ -119,6 +119,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_every_steps = 500
   c.keep_checkpoints = 3
   c.mesh = ml_collections.ConfigDict({"data": -1})   # -1: all devices
+  # Sum over devices in device order (all-gather, then add), so that losses and params
+  # are the same bits on any split of the devices into processes; n x the gradient's
+  # memory, transiently (mmjax.collectives). Off: the backend's all-reduce.
+  c.deterministic_reductions = False
 
   c.data = world_data()
 

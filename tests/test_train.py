@@ -34,7 +34,8 @@ def tiny_config(**overrides):
   return c
 
 
-def _grads(config, mesh, batch_np):
+def _grad_fn(config, mesh, deterministic_reductions=False):
+  """A jitted grad_fn of `config`'s model on `mesh`, and its params."""
   model = models.build(config.model)
   featurize = trainer.make_featurize(config)
   source = pipeline.make_source(config.data, "train")
@@ -42,9 +43,13 @@ def _grads(config, mesh, batch_np):
   state = step_lib.create_train_state(model, tx, trainer.sample_batch(source, featurize),
                                       jax.random.key(0), mesh)
   grad_fn = jax.jit(step_lib.make_grad_fn(model, objectives.get("clip"), config.objective,
-                                          mesh))
-  loss, grads, _ = grad_fn(state.params, pipeline.to_global(batch_np, mesh),
-                           jax.random.key(1))
+                                          mesh,
+                                          deterministic_reductions=deterministic_reductions))
+  return grad_fn, state.params
+
+
+def _grads(grad_fn, params, batch):
+  loss, grads, _ = grad_fn(params, batch, jax.random.key(1))
   return float(loss), jax.device_get(grads)
 
 
@@ -52,11 +57,22 @@ def test_train_step_8_devices_equals_1_device(mesh1, mesh8):
   config = tiny_config()
   source = pipeline.make_source(config.data, "train")
   batch = trainer.sample_batch(source, trainer.make_featurize(config), size=16)
-  loss1, grads1 = _grads(config, mesh1, batch)
-  loss8, grads8 = _grads(config, mesh8, batch)
+  loss1, grads1 = _grads(*_grad_fn(config, mesh1), pipeline.to_global(batch, mesh1))
+  batch8 = pipeline.to_global(batch, mesh8)
+  loss8, grads8 = _grads(*_grad_fn(config, mesh8), batch8)
+  # Sums over devices in device order (mmjax.collectives): the same gradient, and the
+  # same bits on every call.
+  fixed = _grad_fn(config, mesh8, deterministic_reductions=True)
+  loss_fixed, grads_fixed = _grads(*fixed, batch8)
+  again = _grads(*fixed, batch8)
   assert loss1 == pytest.approx(loss8, abs=1e-5)
-  for g1, g8 in zip(jax.tree.leaves(grads1), jax.tree.leaves(grads8)):
+  assert loss1 == pytest.approx(loss_fixed, abs=1e-5)
+  assert again[0] == loss_fixed
+  for g1, g8, gf, ga in zip(jax.tree.leaves(grads1), jax.tree.leaves(grads8),
+                            jax.tree.leaves(grads_fixed), jax.tree.leaves(again[1])):
     np.testing.assert_allclose(g1, g8, atol=1e-5, rtol=1e-4)
+    np.testing.assert_allclose(g1, gf, atol=1e-5, rtol=1e-4)
+    np.testing.assert_array_equal(gf, ga)
   # The gradient is the global-batch gradient, not a per-device one: it is not zero
   # and it changes when any single device's rows change.
   assert sum(float(np.abs(g).sum()) for g in jax.tree.leaves(grads8)) > 0

@@ -41,6 +41,7 @@ from typing import Mapping
 import jax
 import jax.numpy as jnp
 
+from mmjax import collectives
 from mmjax.align import _util
 
 # CLIP: learnable t with logit_scale = exp(t), initialised at 1 / 0.07 and
@@ -73,13 +74,13 @@ def _gather(x, axis_name):
   """The global batch [n * b, ...] on every device (x itself without axis)."""
   if axis_name is None:
     return x
-  return jax.lax.all_gather(x, axis_name, tiled=True)
+  return collectives.all_gather(x, axis_name)
 
 
 def _global_sum(x, axis_name):
   """Sum over the local entries of `x`, then over devices."""
   total = jnp.sum(x)
-  return total if axis_name is None else jax.lax.psum(total, axis_name)
+  return total if axis_name is None else collectives.psum(total, axis_name)
 
 
 def _global_batch_size(local_batch_size: int, axis_name) -> int:

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mmjax import collectives
 from mmjax.align import _util
 
 
@@ -234,7 +235,7 @@ def _all_gather_stats(anchor, basis, tuple_volume, valid, logit_scale,
   global_ids = jnp.arange(b * jax.lax.axis_size(axis_name))
 
   def gather(v, axis=0):
-    return jax.lax.all_gather(v, axis_name, axis=axis, tiled=True)
+    return collectives.all_gather(v, axis_name, axis=axis)
 
   all_valid = gather(valid)
   row_logits, row_valid = _masked_logits(
@@ -433,7 +434,7 @@ def _gram_loss(embeddings, *, anchor, logit_scale, label_smoothing, masks,
 
   def global_sum(v):
     total = jnp.sum(jnp.where(valid, v, 0.0))
-    return total if axis_name is None else jax.lax.psum(total, axis_name)
+    return total if axis_name is None else collectives.psum(total, axis_name)
 
   num_valid = jnp.maximum(global_sum(jnp.ones((b,), dtype)), 1.0)
   # Sum over rows and columns of the smoothed cross-entropies; the sum of all

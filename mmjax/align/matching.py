@@ -30,6 +30,7 @@ from typing import Mapping
 import jax
 import jax.numpy as jnp
 
+from mmjax import collectives
 from mmjax.align import _util
 from mmjax.align import gram
 
@@ -127,8 +128,8 @@ def matching_negatives(embeddings: Mapping[str, jax.Array], *, anchor: str,
     gather = lambda x, axis=0: x  # pylint: disable=unnecessary-lambda-assignment
   else:
     ids = _util.block_ids(jax.lax.axis_index(axis_name), b)
-    gather = lambda x, axis=0: jax.lax.all_gather(  # pylint: disable=unnecessary-lambda-assignment
-        x, axis_name, axis=axis, tiled=True)
+    gather = lambda x, axis=0: collectives.all_gather(  # pylint: disable=unnecessary-lambda-assignment
+        x, axis_name, axis=axis)
   all_anchors, all_valid = gather(anchor_embedding), gather(valid)
   all_basis, all_volume = gram.orthonormal_tuples(gather(stacked, axis=1),
                                                   gather(tuple_present))
@@ -196,7 +197,7 @@ def matching_loss(positive_logits, negative_tuple_logits, negative_anchor_logits
 
   def global_sum(x):
     total = jnp.sum(x)
-    return total if axis_name is None else jax.lax.psum(total, axis_name)
+    return total if axis_name is None else collectives.psum(total, axis_name)
 
   num_positive = global_sum(positive_weight)
   num_negative = 2.0 * global_sum(negative_weight)

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mmjax import collectives
 from mmjax.models import layers
 
 NORMS = ('running', 'learned', 'none')
@@ -48,12 +49,12 @@ def masked_moments(x: jax.Array, present: jax.Array,
   count = weights.sum(axis=0)
   total = values.sum(axis=0)
   if axis_name is not None:
-    count = jax.lax.psum(count, axis_name)
-    total = jax.lax.psum(total, axis_name)
+    count = collectives.psum(count, axis_name)
+    total = collectives.psum(total, axis_name)
   mean = total / jnp.maximum(count, 1.0)
   m2 = (weights * (values - mean) ** 2).sum(axis=0)
   if axis_name is not None:
-    m2 = jax.lax.psum(m2, axis_name)
+    m2 = collectives.psum(m2, axis_name)
   return count, mean, m2
 
 

@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import optax
 
 from mmjax import align
+from mmjax import collectives
 
 OBJECTIVES: dict[str, Callable] = {}
 
@@ -206,7 +207,7 @@ def gram_objective(output, batch, objective_config, *, axis_name=None):
 
 
 def _gather(x, axis_name):
-  return x if axis_name is None else jax.lax.all_gather(x, axis_name, tiled=True)
+  return x if axis_name is None else collectives.all_gather(x, axis_name)
 
 
 @register("matching")
@@ -260,7 +261,7 @@ def matching_objective(output, batch, objective_config, *, axis_name=None):
 def global_mean(x: jax.Array, axis_name=None) -> jax.Array:
   """Mean of a local per-example quantity over the global batch."""
   m = jnp.mean(x)
-  return jax.lax.pmean(m, axis_name) if axis_name else m
+  return collectives.pmean(m, axis_name) if axis_name else m
 
 
 @register("task")

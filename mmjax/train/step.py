@@ -20,6 +20,8 @@ import optax
 from flax.training import train_state
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from mmjax import collectives
+
 DATA = "data"
 
 
@@ -45,16 +47,28 @@ def create_train_state(model, tx: optax.GradientTransformation, sample_batch, rn
   return init(rng)
 
 
-def make_grad_fn(model, objective: Callable, objective_config, mesh) -> Callable:
+def make_grad_fn(model, objective: Callable, objective_config, mesh, *,
+                 deterministic_reductions: bool = False) -> Callable:
   """`grad_fn(params, batch, rng) -> (loss, grads, metrics)`, not jitted on its own.
 
   `batch` is a dict of global arrays sharded over 'data'; the outputs are replicated:
   the global loss, its gradient, and the objective's metrics averaged over devices.
+  With `deterministic_reductions`, every sum over devices (the gradient, the
+  objective's gathers and sums) goes in device order (`mmjax.collectives`), so the
+  result does not depend on how the devices are split into processes.
   """
 
   def per_device(params, batch, rng):
+    with collectives.fixed_order(deterministic_reductions):
+      return device_step(params, batch, rng)
+
+  def device_step(params, batch, rng):
     # Different dropout on every device, the same on every run.
     rng = jax.random.fold_in(rng, jax.lax.axis_index(DATA))
+    if deterministic_reductions:
+      # Per-device gradients, summed below in device order rather than by the
+      # all-reduce autodiff puts where replicated params meet per-device data.
+      params = collectives.vary(params, DATA)
 
     def loss_fn(params):
       out = model.apply({"params": params}, batch, train=True, rngs={"dropout": rng})
@@ -65,20 +79,23 @@ def make_grad_fn(model, objective: Callable, objective_config, mesh) -> Callable
       return loss, metrics
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    return loss, grads, jax.lax.pmean(metrics, DATA)
+    if deterministic_reductions:
+      grads = collectives.psum(grads, DATA)
+    return loss, grads, collectives.pmean(metrics, DATA)
 
   return jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(DATA), P()),
                        out_specs=(P(), P(), P()))
 
 
 def make_train_step(model, objective: Callable, objective_config, mesh,
-                    *, donate: bool = True) -> Callable:
+                    *, donate: bool = True, deterministic_reductions: bool = False) -> Callable:
   """`train_step(state, batch, rng) -> (state, metrics)`, jitted.
 
   `metrics` are replicated scalars: `loss`, `grad_norm`, `logit_scale` and the
-  objective's own metrics.
+  objective's own metrics. `deterministic_reductions`: see `make_grad_fn`.
   """
-  grad_fn = make_grad_fn(model, objective, objective_config, mesh)
+  grad_fn = make_grad_fn(model, objective, objective_config, mesh,
+                         deterministic_reductions=deterministic_reductions)
 
   def train_step(state: TrainState, batch, rng):
     loss, grads, metrics = grad_fn(state.params, batch, rng)

@@ -160,8 +160,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       json.dump(config_dict, f, indent=2)
 
-  train_step = step_lib.make_train_step(model, objectives.get(config.objective.kind),
-                                        config.objective, mesh)
+  train_step = step_lib.make_train_step(
+      model, objectives.get(config.objective.kind), config.objective, mesh,
+      deterministic_reductions=config.deterministic_reductions)
   apply_fn = step_lib.make_apply_fn(model)
   evaluators = evaluators_lib.build_evaluators(config.evals, config.eval_every_steps,
                                                config=config)
