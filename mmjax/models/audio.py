@@ -271,7 +271,7 @@ class AudioTransformer(nn.Module):
     silence = (math.log(self.floor) - self.spec_mean) / self.spec_std
     spec = jnp.pad(spec, ((0, 0), (0, time_tokens * patch_t - num_frames),
                           (0, 0)), constant_values=silence)
-    x = nn.Conv(self.width, (patch_t, patch_f), strides=(patch_t, patch_f),
+    x = layers.Conv(self.width, (patch_t, patch_f), strides=(patch_t, patch_f),
                 padding='VALID', dtype=self.dtype, name='embedding')(
                     spec[..., None])  # [B, time_tokens, mel_tokens, width]
     table_rows = math.ceil(self.max_frames / patch_t)

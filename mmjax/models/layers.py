@@ -262,3 +262,73 @@ def check_dropout_rates(**rates):
   for name, rate in rates.items():
     if not 0.0 <= rate < 1.0:
       raise ValueError(f'{name}={rate} must be in [0, 1)')
+
+
+def _same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
+  """SAME padding (low, high) of one spatial axis, as XLA and flax place it."""
+  out = -(-size // stride)
+  total = max((out - 1) * stride + kernel - size, 0)
+  return total // 2, total - total // 2
+
+
+def extract_patches(x: jax.Array, kernel: tuple[int, ...], strides: tuple[int, ...],
+                    padding: str) -> jax.Array:
+  """[B, *spatial, C] -> [B, *out, prod(kernel), C]: every window a convolution with
+  `kernel`, `strides` and 'SAME' or 'VALID' `padding` would see, in kernel order.
+
+  Non-overlapping windows (strides == kernel, VALID) are a reshape; others one strided
+  slice per kernel offset. Both are copies, so the gradient of a convolution written
+  with them is exact adds in a fixed order (see `Conv`).
+  """
+  nd = len(kernel)
+  spatial = x.shape[1:1 + nd]
+  if padding == "SAME":
+    x = jnp.pad(x, [(0, 0)] + [_same_padding(n, k, s) for n, k, s in
+                               zip(spatial, kernel, strides)] + [(0, 0)])
+  elif padding != "VALID":
+    raise ValueError(f"padding must be 'SAME' or 'VALID', got {padding!r}")
+  padded = x.shape[1:1 + nd]
+  out = [(n - k) // s + 1 for n, k, s in zip(padded, kernel, strides)]
+  if tuple(kernel) == tuple(strides):
+    x = x[(slice(None),) + tuple(slice(0, o * k) for o, k in zip(out, kernel))]
+    shape = [x.shape[0]]
+    for o, k in zip(out, kernel):
+      shape += [o, k]
+    x = x.reshape(shape + [x.shape[-1]])
+    # [B, o1, k1, o2, k2, ..., C] -> [B, o1, o2, ..., k1, k2, ..., C]
+    order = [0] + [1 + 2 * i for i in range(nd)] + [2 + 2 * i for i in range(nd)] + [2 * nd + 1]
+    x = x.transpose(order)
+    return x.reshape(x.shape[:1 + nd] + (-1, x.shape[-1]))
+  windows = []
+  for offset in np.ndindex(*kernel):
+    index = tuple(slice(o, o + (n - 1) * s + 1, s) for o, n, s in zip(offset, out, strides))
+    windows.append(x[(slice(None),) + index])
+  return jnp.stack(windows, axis=-2)
+
+
+class Conv(nn.Module):
+  """A strided convolution with `nn.Conv`'s parameters ('kernel' [*kernel_size, C, F],
+  'bias' [F]) and initialisers, computed as patch extraction and one einsum.
+
+  The same function as `nn.Conv`; written this way because XLA's CPU convolution
+  sums its backward pass in an order that depends on the size of the host's thread
+  pool (so on how many devices a process simulates), while a matmul and the copies of
+  `extract_patches` do not: the gradient is then the same bits on 1 x 8 and 2 x 4
+  simulated devices. Meant for stems (few, large strides), where it is as fast.
+  """
+  features: int
+  kernel_size: tuple[int, ...]
+  strides: Optional[tuple[int, ...]] = None
+  padding: str = "SAME"
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel_size = tuple(self.kernel_size)
+    strides = tuple(self.strides or (1,) * len(kernel_size))
+    kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                        kernel_size + (x.shape[-1], self.features), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+    patches = extract_patches(x.astype(self.dtype), kernel_size, strides, self.padding)
+    kernel = kernel.reshape(-1, x.shape[-1], self.features).astype(self.dtype)
+    return jnp.einsum("...kc,kcf->...f", patches, kernel) + bias.astype(self.dtype)

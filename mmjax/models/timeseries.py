@@ -95,10 +95,10 @@ class TimeSeriesTransformer(nn.Module):
     if mask is None:
       mask = jnp.ones((batch, steps), bool)
     x = jnp.where(mask[..., None], x, 0.0)
-    x = nn.Conv(self.width, (self.stem_kernel,), strides=(self.stem_stride,),
+    x = layers.Conv(self.width, (self.stem_kernel,), strides=(self.stem_stride,),
                 padding='SAME', dtype=self.dtype, name='stem_conv1')(x)
     x = nn.gelu(x)
-    x = nn.Conv(self.width, (3,), padding='SAME', dtype=self.dtype,
+    x = layers.Conv(self.width, (3,), padding='SAME', dtype=self.dtype,
                 name='stem_conv2')(x)
     valid = mask[:, ::self.stem_stride]
     num_tokens = x.shape[1]
