@@ -42,6 +42,10 @@ def world_data(modalities=("image", "text"), **overrides) -> ml_collections.Conf
   d.label = ml_collections.ConfigDict(
       {"factors": ("shape",), "mode": "product", "num_classes": 0})
   d.missing = missing_config()
+  # Hard negatives: training batches made of groups of `size` examples that share the
+  # factors `share` (0: a plain shuffle).
+  d.group_batches = ml_collections.ConfigDict({"size": 0, "share": ("colour", "size",
+                                                                    "position")})
   d.num_threads = 2
   for k, v in overrides.items():
     setattr(d, k, v)

@@ -226,6 +226,50 @@ def test_processes_read_disjoint_parts_of_the_same_global_batch():
                            process_index=0, process_count=4)
 
 
+def test_grouped_batches_share_factors_and_shard_like_a_shuffle():
+  source = world_lib.World(small_spec(sizes={"train": 4000, "test": 64}), "train")
+  share = ("colour", "size", "position")
+
+  def stream(seed, process_index=0, process_count=1):
+    return iter(pipeline.train_dataset(
+        source, _featurize(), seed=seed, global_batch_size=16, num_threads=1,
+        process_index=process_index, process_count=process_count,
+        group_size=4, group_share=share))
+
+  cols = [world_lib.FACTOR_NAMES.index(f) for f in share]
+  batches = [b for b, _ in zip(stream(0), range(4))]
+  for batch in batches:
+    factors = np.stack([source.factors(int(i)) for i in batch["index"]])
+    groups = factors.reshape(4, 4, -1)
+    # Within a group the shared factors agree; the shape (not shared) varies.
+    assert (groups[:, :, cols] == groups[:, :1, cols]).all()
+    assert len({tuple(g[0, cols]) for g in groups}) > 1
+    assert len(set(batch["index"].tolist())) >= 12
+  shape_differs = sum(len(set(g[:, 0].tolist())) > 1 for b in batches
+                      for g in np.stack([source.factors(int(i)) for i in b["index"]]
+                                        ).reshape(4, 4, -1))
+  assert shape_differs >= 12
+  # Deterministic, seeded, and the union over processes is the one-process batch.
+  np.testing.assert_array_equal(next(stream(0))["index"], batches[0]["index"])
+  assert not np.array_equal(next(stream(1))["index"], batches[0]["index"])
+  whole = next(stream(0))["index"]
+  parts = np.concatenate([next(stream(0, p, 2))["index"] for p in range(2)])
+  np.testing.assert_array_equal(whole, parts)
+
+
+def test_grouped_batches_bad_input():
+  source = world_lib.World(small_spec(), "train")
+  with pytest.raises(ValueError, match="unknown factor 'hue'"):
+    pipeline.train_dataset(source, _featurize(), seed=0, global_batch_size=16,
+                           group_size=4, group_share=("hue",))
+  with pytest.raises(ValueError, match="size 3 must divide the per-process batch 16"):
+    pipeline.train_dataset(source, _featurize(), seed=0, global_batch_size=16,
+                           group_size=3, group_share=("colour",))
+  with pytest.raises(ValueError, match="needs a source with latent factors"):
+    pipeline.train_dataset([{"text": "a"}] * 16, _featurize(), seed=0,
+                           global_batch_size=16, group_size=4, group_share=("colour",))
+
+
 def test_global_batch_is_sharded_over_data(mesh8):
   source = world_lib.World(small_spec(), "train")
   local = next(iter(pipeline.train_dataset(source, _featurize(), seed=0,

@@ -9,6 +9,7 @@ is therefore the single-process global batch, in the same order, for any process
 
 from __future__ import annotations
 
+import threading
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import grain
@@ -83,17 +84,98 @@ class Featurize:
     return example
 
 
+class GroupedIndices:
+  """Random access to an endless stream of source indices in groups of `group_size`
+  that share a key (e.g. the joint value of some factors): hard negatives.
+
+  Position p belongs to group p // group_size. Each group draws one example uniformly
+  from the source, then `group_size` distinct examples with that example's key
+  (with repetition if the key has fewer). A pure function of (seed, p), so sharding by
+  process and checkpointing the iterator work as for a shuffle.
+
+  `keys` is an int array [N] or a function returning one; a function is called on
+  first access, so that grain's prefetch threads compute it while the train step
+  compiles.
+  """
+
+  def __init__(self, keys, group_size: int, seed: int):
+    self._keys_fn = keys if callable(keys) else (lambda: keys)
+    self._lock = threading.Lock()
+    self._keys = self._members = None
+    self._group_size = group_size
+    self._seed = seed
+
+  def _index(self):
+    with self._lock:
+      if self._keys is None:
+        keys = np.asarray(self._keys_fn())
+        if keys.ndim != 1 or not len(keys):
+          raise ValueError(f"keys must be a non-empty 1-D array, got shape {keys.shape}")
+        order = np.argsort(keys, kind="stable")
+        values, starts = np.unique(keys[order], return_index=True)
+        ends = np.append(starts[1:], len(keys))
+        self._members = {int(v): order[a:b] for v, a, b in zip(values, starts, ends)}
+        self._keys = keys
+    return self._keys, self._members
+
+  def __len__(self) -> int:
+    return np.iinfo(np.int64).max // 2
+
+  def __getitem__(self, position: int) -> int:
+    keys, members = self._index()
+    group, slot = divmod(int(position), self._group_size)
+    rng = np.random.default_rng([self._seed, group])
+    same_key = members[int(keys[rng.integers(len(keys))])]
+    chosen = rng.choice(same_key, self._group_size,
+                        replace=len(same_key) < self._group_size)
+    return int(chosen[slot])
+
+
+def group_keys(source, share: Sequence[str]) -> Callable[[], np.ndarray]:
+  """A function computing [len(source)] ints, the joint value of the world factors
+  `share` of every example (checked now, computed when called)."""
+  if not hasattr(source, "factors"):
+    raise ValueError("data.group_batches needs a source with latent factors (the world); "
+                     f"{type(source).__name__} has none")
+  names = world_lib.FACTOR_NAMES
+  for f in share:
+    if f not in names:
+      raise ValueError(f"data.group_batches.share: unknown factor {f!r}; valid: {names}")
+  cols = [names.index(f) for f in share]
+  sizes = [len(world_lib.FACTORS[f]) for f in share]
+
+  def compute() -> np.ndarray:
+    if not cols:
+      return np.zeros(len(source), np.int64)
+    factors = np.stack([source.factors(i) for i in range(len(source))])[:, cols]
+    return np.ravel_multi_index(tuple(factors.T), sizes)
+
+  return compute
+
+
 def train_dataset(source, featurize: Callable, *, seed: int, global_batch_size: int,
                   process_index: int | None = None, process_count: int | None = None,
-                  num_threads: int = 2, prefetch: int = 4) -> grain.IterDataset:
-  """Shuffled, repeated, process-sharded batches of the local size `global / processes`."""
+                  num_threads: int = 2, prefetch: int = 4,
+                  group_size: int = 0, group_share: Sequence[str] = ()) -> grain.IterDataset:
+  """Shuffled, repeated, process-sharded batches of the local size `global / processes`.
+
+  With `group_size` > 0, batches are made of groups of that many examples sharing the
+  world factors `group_share` (`GroupedIndices`) instead of a shuffle.
+  """
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
   if global_batch_size % process_count:
     raise ValueError(f"batch_size {global_batch_size} is not divisible by the number of "
                      f"processes {process_count}")
   local = global_batch_size // process_count
-  ds = grain.MapDataset.range(len(source)).seed(seed).shuffle().repeat()
+  if group_size:
+    if local % group_size:
+      raise ValueError(f"data.group_batches.size {group_size} must divide the per-process "
+                       f"batch {local}")
+    ds = grain.MapDataset.source(
+        GroupedIndices(group_keys(source, group_share), group_size, seed))
+  else:
+    ds = grain.MapDataset.range(len(source)).seed(seed).shuffle().repeat()
   ds = ds.map(lambda i: (int(i), source[int(i)])).map(featurize)
   ds = ds.batch(local, drop_remainder=True)[process_index::process_count]
   return ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,

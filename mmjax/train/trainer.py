@@ -123,6 +123,14 @@ def sample_batch(source, featurize, size: int = 1) -> dict:
   return jax.tree.map(lambda *xs: np.stack(xs), *rows)
 
 
+def group_batches(data_config) -> dict:
+  """`train_dataset`'s grouping arguments from `config.data.group_batches` (world only)."""
+  groups = data_config.get("group_batches")
+  if groups is None or not groups.size:
+    return {}
+  return {"group_size": int(groups.size), "group_share": tuple(groups.share)}
+
+
 def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   """Trains `config` in `workdir` (resuming if it has checkpoints). Returns the final
   metrics."""
@@ -136,7 +144,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   train_source = pipeline.make_source(config.data, "train")
   train_data = pipeline.train_dataset(train_source, featurize, seed=config.seed,
                                       global_batch_size=config.batch_size,
-                                      num_threads=config.data.num_threads)
+                                      num_threads=config.data.num_threads,
+                                      **group_batches(config.data))
   data_iter = iter(train_data)
 
   # Model, optimizer, state.
