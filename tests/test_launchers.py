@@ -31,9 +31,10 @@ from mmjax.train import trainer
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(REPO, "launch")
 TOTAL_STEPS = 10
-# Only the preemption and the final step save; one evaluation, at the end.
+# Only the preemption and the final step save; one evaluation, at the end. Sums over
+# devices in device order (mmjax.collectives), through gloo across processes.
 RUN_FLAGS = (f"--config.total_steps={TOTAL_STEPS}", "--config.checkpoint_every_steps=1000",
-             "--config.eval_every_steps=1000")
+             "--config.eval_every_steps=1000", "--config.deterministic_reductions=True")
 TIMEOUT_S = 600
 
 

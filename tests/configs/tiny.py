@@ -16,9 +16,6 @@ def get_config(arg=None):
   c.data.sizes.test = 32
   c.data.text_max_len = 56
   c.data.num_threads = 1
-  # Launcher tests compare 2 x 4 and 1 x 8 runs of this config: sums over devices in
-  # device order (mmjax.collectives), through gloo across processes.
-  c.deterministic_reductions = True
   c.evals.retrieval.batch_size = 16
   c.model.embed_dim = 32
   c.model.encoders.image = config_lib.encoder("vit", "mu", patch_size=8, width=32, depth=1,
