@@ -71,9 +71,13 @@ def _is_float(x) -> bool:
 def vary(tree, axis_name):
   """Every leaf of `tree` typed as varying over `axis_name` (no-op where it is).
 
-  Autodiff transposes this cast into a `psum` of the cotangents: in fixed
-  order, call it on the parameters, differentiate with respect to the varying
-  copy and `psum` the gradients with this module instead.
+  Under `shard_map` with `check_vma=True`, values that are the same on every device
+  (replicated params, a logit_scale) are typed invariant; loops that carry
+  per-device values (the rings of `mmjax.align`) need their inputs varying.
+  Autodiff transposes this cast into a `psum` of the cotangents, which is what sums
+  the per-device partial gradients of a replicated value: in fixed order, call it on
+  the parameters, differentiate with respect to the varying copy and `psum` the
+  gradients with this module instead.
   """
   return jax.tree.map(
       lambda x: x if _is_varying(x, axis_name) else jax.lax.pcast(x, axis_name, to="varying"),

@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mmjax import collectives
+
 # Stands for an excluded logit. Finite, so that logsumexp over a fully excluded
 # row and its softmax stay free of inf - inf = NaN.
 MASKED_LOGIT = -1e30
@@ -76,22 +78,6 @@ def check_label_smoothing(label_smoothing) -> float:
   return value
 
 
-def to_varying(tree, axis_name):
-  """Marks every leaf of `tree` as varying over `axis_name` (no-op if it is).
-
-  Under `shard_map` with `check_vma=True`, values that are the same on every
-  device (e.g. a replicated logit_scale) are typed invariant. Ring loops carry
-  and return per-device values, so their inputs are cast to varying; autodiff
-  transposes that cast into a psum, which is what sums the per-device partial
-  gradients of a replicated scalar.
-  """
-  def cast(leaf):
-    if axis_name in jax.typeof(leaf).mat.varying:
-      return leaf
-    return jax.lax.pcast(leaf, axis_name, to="varying")
-  return jax.tree.map(cast, tree)
-
-
 def ring_shift(tree, axis_name):
   """Sends every leaf of `tree` from device i to device i + 1 (mod n)."""
   n = jax.lax.axis_size(axis_name)
@@ -127,7 +113,7 @@ def ring_loop(step: Callable, axis_name, local, visiting, visiting_acc):
   """
   n = jax.lax.axis_size(axis_name)
   me = jax.lax.axis_index(axis_name)
-  local, visiting, visiting_acc = to_varying(
+  local, visiting, visiting_acc = collectives.vary(
       (local, visiting, visiting_acc), axis_name)
 
   def body(k, carry):

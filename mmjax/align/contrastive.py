@@ -300,7 +300,7 @@ def siglip_loss(x, y, *, logit_scale, logit_bias, axis_name=None):
     column_best_negative = negatives.max(axis=0)
   else:
     row_loss, row_best_negative, column_best_negative = _siglip_ring(
-        *_util.to_varying((x, y, logit_scale, logit_bias), axis_name),
+        *collectives.vary((x, y, logit_scale, logit_bias), axis_name),
         axis_name)
 
   loss = _global_sum(row_loss, axis_name) / global_b

@@ -464,7 +464,7 @@ def _ring_stats_of_varying(anchor, basis, tuple_volume, valid, logit_scale,
                            axis_name):
   """`_ring_stats` on inputs cast to varying (the ring returns per-device
   values; the cast of replicated inputs transposes to a psum of gradients)."""
-  return _ring_stats(*_util.to_varying(
+  return _ring_stats(*collectives.vary(
       (anchor, basis, tuple_volume, valid, logit_scale), axis_name), axis_name)
 
 

@@ -272,8 +272,8 @@ class AudioTransformer(nn.Module):
     spec = jnp.pad(spec, ((0, 0), (0, time_tokens * patch_t - num_frames),
                           (0, 0)), constant_values=silence)
     x = layers.Conv(self.width, (patch_t, patch_f), strides=(patch_t, patch_f),
-                padding='VALID', dtype=self.dtype, name='embedding')(
-                    spec[..., None])  # [B, time_tokens, mel_tokens, width]
+                    padding='VALID', dtype=self.dtype, name='embedding')(
+                        spec[..., None])  # [B, time_tokens, mel_tokens, width]
     table_rows = math.ceil(self.max_frames / patch_t)
     pos = self.param('pos_embedding', nn.initializers.normal(stddev=0.02),
                      (table_rows, self.n_mels // patch_f, self.width),

@@ -96,10 +96,10 @@ class TimeSeriesTransformer(nn.Module):
       mask = jnp.ones((batch, steps), bool)
     x = jnp.where(mask[..., None], x, 0.0)
     x = layers.Conv(self.width, (self.stem_kernel,), strides=(self.stem_stride,),
-                padding='SAME', dtype=self.dtype, name='stem_conv1')(x)
+                    padding='SAME', dtype=self.dtype, name='stem_conv1')(x)
     x = nn.gelu(x)
     x = layers.Conv(self.width, (3,), padding='SAME', dtype=self.dtype,
-                name='stem_conv2')(x)
+                    name='stem_conv2')(x)
     valid = mask[:, ::self.stem_stride]
     num_tokens = x.shape[1]
     table = math.ceil(self.max_len / self.stem_stride)

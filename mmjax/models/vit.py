@@ -100,10 +100,10 @@ class ViT(nn.Module):
     num_convs = self.patch_size.bit_length() - 1
     for i in range(num_convs):
       channels = max(self.width >> (num_convs - i), 8)
-      x = layers.Conv(channels, (3, 3), strides=(2, 2), padding="SAME",
-                  dtype=self.dtype, name=f'stem_conv{i}')(x)
+      x = layers.Conv(channels, (3, 3), strides=(2, 2), padding='SAME',
+                      dtype=self.dtype, name=f'stem_conv{i}')(x)
       x = nn.gelu(x)
-    return layers.Conv(self.width, (1, 1), dtype=self.dtype, name="embedding")(x)
+    return layers.Conv(self.width, (1, 1), dtype=self.dtype, name='embedding')(x)
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
@@ -123,8 +123,8 @@ class ViT(nn.Module):
       x = self._conv_stem(x)
     else:
       kernel = (p, p) if x.ndim == 4 else (self.tubelet, p, p)
-      x = layers.Conv(self.width, kernel, strides=kernel, padding="VALID",
-                  dtype=self.dtype, name='embedding')(x)
+      x = layers.Conv(self.width, kernel, strides=kernel, padding='VALID',
+                      dtype=self.dtype, name='embedding')(x)
     batch = x.shape[0]
     grid = x.shape[1:-1]
     x = x.reshape(batch, -1, self.width)
