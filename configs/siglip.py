@@ -7,7 +7,6 @@ sigmoid loss (a device ring over 'data') in place of CLIP's softmax.
 
 import os
 
-from mmjax import align
 from mmjax import config_lib
 
 
@@ -17,5 +16,5 @@ def get_config(arg=None):
   c.objective.kind = "siglip"
   c.objective.label_smoothing = 0.0
   # SigLIP's init: logit_scale = exp(log 10) = 10, bias -10.
-  c.model.logit_scale_init, c.model.logit_bias_init = align.siglip_init()
+  c.model.logit_scale_init, c.model.logit_bias_init = config_lib.siglip_init()
   return c

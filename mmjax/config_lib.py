@@ -8,15 +8,19 @@ the command line (`--config.optimizer.lr=...`). Parts are chosen by registered n
 from __future__ import annotations
 
 import importlib.util
-import math
 import os
 
 import ml_collections
 
+from mmjax import align
 from mmjax.data import world as world_lib
 
-CLIP_INIT_LOGIT_SCALE = math.log(1 / 0.07)
-MAX_LOGIT_SCALE = 100.0
+# The logit-scale constants belong to the losses (`mmjax.align`); re-exported here for
+# configs, which import only this module.
+CLIP_INIT_LOGIT_SCALE = align.CLIP_INIT_LOGIT_SCALE
+MAX_LOGIT_SCALE = align.MAX_LOGIT_SCALE
+SIGLIP_INIT_LOGIT_BIAS = align.SIGLIP_INIT_LOGIT_BIAS
+siglip_init = align.siglip_init
 
 
 def encoder(kind: str, variant: str | None = None, **overrides) -> ml_collections.ConfigDict:

@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mmjax import align
 from mmjax.models import heads as heads_lib
 from mmjax.models import matching as matching_lib
 from mmjax.models import registry
@@ -73,8 +74,8 @@ class MultimodalModel(nn.Module):
   encoders: Mapping[str, Any]
   embed_dim: int = 128
   head: str = "linear"
-  logit_scale_init: float = math.log(1 / 0.07)
-  max_logit_scale: float = 100.0
+  logit_scale_init: float = align.CLIP_INIT_LOGIT_SCALE
+  max_logit_scale: float = align.MAX_LOGIT_SCALE
   logit_bias_init: Optional[float] = None
   fusion: Optional[Mapping[str, Any]] = None
   task: Optional[Mapping[str, Any]] = None
