@@ -17,4 +17,5 @@ def get_config(arg=None):
   c.objective.label_smoothing = 0.0
   # SigLIP's init: logit_scale = exp(log 10) = 10, bias -10.
   c.model.logit_scale_init, c.model.logit_bias_init = config_lib.siglip_init()
+  c.model.max_logit_scale = None    # big_vision clamps nothing
   return c

@@ -142,6 +142,10 @@ def base_config() -> ml_collections.ConfigDict:
   })
   c.model.head = "linear"           # projection heads: linear | mlp
   c.model.logit_scale_init = CLIP_INIT_LOGIT_SCALE
+  # After every optimizer step the log-scale parameter t is clamped into
+  # [0, log max_logit_scale] (CLIP: 100); None: no clamp (SigLIP). The forward pass
+  # uses exp(t) as is, so its gradient can bring t back down.
+  c.model.max_logit_scale = ml_collections.config_dict.placeholder(float)
   c.model.max_logit_scale = MAX_LOGIT_SCALE
   c.model.logit_bias_init = ml_collections.config_dict.placeholder(float)
   c.model.fusion = ml_collections.config_dict.placeholder(ml_collections.ConfigDict)

@@ -10,7 +10,6 @@ which to ignore.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Mapping, Optional
 
 import flax
@@ -30,7 +29,8 @@ class ModelOutput:
 
   embeddings: modality -> [B, embed_dim], unit norm.
   features:   modality -> [B, encoder width], before projection.
-  logit_scale: scalar, exp of the learned log-scale, capped at `max_logit_scale`.
+  logit_scale: scalar exp(t), t the learned log-scale (param 'logit_scale'; the
+    optimizer, not the forward pass, keeps t in [0, log model.max_logit_scale]).
   logit_bias: scalar or None (SigLIP).
   logits: [B, num_classes] task logits, or None without a task head.
   joint: [B, D] fused representation, or None without fusion.
@@ -64,7 +64,8 @@ class MultimodalModel(nn.Module):
     embed_dim: shared embedding width.
     head: projection head kind ('linear' or 'mlp').
     logit_scale_init: initial log of the similarity multiplier (CLIP: log(1/0.07)).
-    max_logit_scale: cap on the multiplier (CLIP: 100).
+      Its cap, `config.model.max_logit_scale`, is a clamp applied by the optimizer
+      (`mmjax.train.optimizer.clamp_logit_scale`), not here.
     logit_bias_init: initial logit bias (SigLIP: -10), None for no bias.
     fusion: optional fusion config (`kind` + fields), see `mmjax.fusion`.
     task: optional task-head config (`num_classes`, `kind`).
@@ -75,7 +76,6 @@ class MultimodalModel(nn.Module):
   embed_dim: int = 128
   head: str = "linear"
   logit_scale_init: float = align.CLIP_INIT_LOGIT_SCALE
-  max_logit_scale: float = align.MAX_LOGIT_SCALE
   logit_bias_init: Optional[float] = None
   fusion: Optional[Mapping[str, Any]] = None
   task: Optional[Mapping[str, Any]] = None
@@ -120,7 +120,7 @@ class MultimodalModel(nn.Module):
     for m in self.modalities:
       features[m] = self.towers[m](batch[m], train=train)
       embeddings[m] = l2_normalize(self.heads[m](features[m]).astype(jnp.float32))
-    logit_scale = jnp.exp(jnp.minimum(self.log_logit_scale, math.log(self.max_logit_scale)))
+    logit_scale = jnp.exp(self.log_logit_scale)
     logit_bias = self.logit_bias if self.logit_bias_init is not None else None
     logits = joint = None
     aux = {}
@@ -176,7 +176,7 @@ def build(model_config) -> MultimodalModel:
                        f"valid: {sorted(valid)}")
   return MultimodalModel(
       encoders=encoders, embed_dim=c.embed_dim, head=c.head,
-      logit_scale_init=c.logit_scale_init, max_logit_scale=c.max_logit_scale,
+      logit_scale_init=c.logit_scale_init,
       logit_bias_init=c.get("logit_bias_init"),
       fusion=dict(fusion) if fusion is not None else None,
       task=dict(task) if task is not None else None,
