@@ -5,7 +5,6 @@
 """
 
 from mmjax import config_lib
-from mmjax.evals import evaluators
 
 
 def get_config(arg=None):
@@ -39,13 +38,13 @@ def get_config(arg=None):
   c.optimizer.warmup_steps = 100
   # Retrieval at every evaluation; the others once, at the end (every=0). All embed the
   # test split with the same batch size, so they share one pass over it.
-  c.evals.retrieval = evaluators.evaluator_config("retrieval")     # every: eval_every_steps
-  c.evals.zero_shot = evaluators.evaluator_config("zero_shot", every=0)
-  c.evals.linear_probe = evaluators.evaluator_config("linear_probe", every=0,
+  c.evals.retrieval = config_lib.evaluator_config("retrieval")     # every: eval_every_steps
+  c.evals.zero_shot = config_lib.evaluator_config("zero_shot", every=0)
+  c.evals.linear_probe = config_lib.evaluator_config("linear_probe", every=0,
                                                      train_examples=2048)
-  c.evals.knn = evaluators.evaluator_config("knn", every=0, train_examples=2048)
-  c.evals.calibration = evaluators.evaluator_config("calibration", every=0)
-  c.evals.geometry = evaluators.evaluator_config("geometry", every=0)
+  c.evals.knn = config_lib.evaluator_config("knn", every=0, train_examples=2048)
+  c.evals.calibration = config_lib.evaluator_config("calibration", every=0)
+  c.evals.geometry = config_lib.evaluator_config("geometry", every=0)
   if arg == "runlocal":     # seconds, for tests and a first look
     c.total_steps = 20
     c.batch_size = 32

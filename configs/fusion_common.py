@@ -38,7 +38,6 @@ from __future__ import annotations
 import ml_collections
 
 from mmjax import config_lib
-from mmjax.evals import evaluators
 
 MODALITIES = ("audio", "image", "text")
 EXPRESSES = {"image": ("colour",), "audio": ("size",), "text": ("shape",)}
@@ -119,7 +118,7 @@ def fusion_task_config(name: str, fusion: dict, arg=None, *,
   c.optimizer.weight_decay = 1e-4
 
   c.evals = ml_collections.ConfigDict({
-      "robustness": evaluators.evaluator_config(
+      "robustness": config_lib.evaluator_config(
           "robustness", split="test", every=-1, batch_size=256,
           rates=(0.0, 0.1, 0.3, 0.5, 0.7)),
   })

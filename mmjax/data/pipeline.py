@@ -9,6 +9,7 @@ is therefore the single-process global batch, in the same order, for any process
 
 from __future__ import annotations
 
+import copy
 import threading
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -20,6 +21,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from mmjax.data import missing as missing_lib
 from mmjax.data import tokenizer as tokenizer_lib
 from mmjax.data import world as world_lib
+from mmjax.data import world_info
+from mmjax.data.info import DataInfo
 
 Batch = dict[str, Any]
 
@@ -35,6 +38,16 @@ def make_source(data_config, split: str):
   raise ValueError(f"data.kind: unknown source {kind!r}; valid: 'world', 'tfds'")
 
 
+def data_info(data_config) -> DataInfo:
+  """What the configured source tells the evaluators about itself (`DataInfo`)."""
+  if data_config.kind == "world":
+    return world_info.data_info(world_lib.WorldSpec.from_config(data_config))
+  if data_config.kind == "tfds":
+    from mmjax.data import tfds_source  # pylint: disable=g-import-not-at-top
+    return tfds_source.data_info(data_config)
+  raise ValueError(f"data.kind: unknown source {data_config.kind!r}; valid: 'world', 'tfds'")
+
+
 def source_modalities(data_config) -> tuple[str, ...]:
   """The modalities the configured source produces."""
   if data_config.kind == "world":
@@ -45,23 +58,34 @@ def source_modalities(data_config) -> tuple[str, ...]:
 class Featurize:
   """A record (numpy / str fields) -> fixed-shape arrays, plus the presence `mask`.
 
-  Text is tokenised; every modality gets `mask[m] = True` here; the missingness
-  transform (if configured) then clears entries and zero-fills the absent inputs.
+  Strings of the `text_modalities` (the modalities whose encoder reads token ids,
+  whatever their names: 'text', 'caption', 'transcript') are tokenised; every modality
+  gets `mask[m] = True` here; the missingness transform (if configured) then clears
+  entries and zero-fills the absent inputs.
   """
 
   def __init__(self, modalities: Sequence[str], text_max_len: int,
                missingness: missing_lib.Missingness | None = None,
-               tokenizer: str = "byte"):
+               tokenizer: str = "byte", text_modalities: Sequence[str] = ("text",)):
     self.modalities = tuple(modalities)
+    self.text_modalities = tuple(m for m in text_modalities if m in self.modalities)
     self.tokenizer = tokenizer_lib.make_tokenizer(tokenizer, text_max_len)
     self.missingness = missingness
 
   @classmethod
   def from_config(cls, data_config, modalities: Sequence[str],
-                  missingness: missing_lib.Missingness | None = None) -> "Featurize":
+                  missingness: missing_lib.Missingness | None = None, *,
+                  text_modalities: Sequence[str] = ("text",)) -> "Featurize":
     """The featurizer `config.data` asks for (text length, tokenizer)."""
     return cls(modalities, data_config.text_max_len, missingness,
-               tokenizer=data_config.get("tokenizer", "byte"))
+               tokenizer=data_config.get("tokenizer", "byte"),
+               text_modalities=text_modalities)
+
+  def without_missingness(self) -> "Featurize":
+    """The same featurizer with every modality present (no missingness transform)."""
+    clean = copy.copy(self)
+    clean.missingness = None
+    return clean
 
   def __call__(self, index_and_record) -> Batch:
     index, record = index_and_record
@@ -70,7 +94,7 @@ class Featurize:
       if m not in record:
         raise KeyError(f"the source produced no {m!r}; it has {sorted(record)}")
       value = record[m]
-      if m == "text" and isinstance(value, (str, bytes)):
+      if m in self.text_modalities and isinstance(value, (str, bytes)):
         value = self.tokenizer.encode(value if isinstance(value, str) else value.decode())
       example[m] = np.asarray(value)
     example["mask"] = {m: np.bool_(True) for m in self.modalities}
@@ -219,13 +243,3 @@ def to_global(local_batch: Batch, mesh) -> Batch:
                      f"{num_data} devices of the mesh axis 'data'")
   return jax.tree.map(
       lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
-
-
-def check_batch(batch: Mapping[str, Any], modalities: Sequence[str]) -> None:
-  """Raise a clear error if a batch lacks a modality the model needs."""
-  for m in modalities:
-    if m not in batch:
-      raise ValueError(f"the model expects modality {m!r} but the batch has only "
-                       f"{sorted(k for k in batch if k != 'mask')}")
-    if m not in batch.get("mask", {}):
-      raise ValueError(f"batch['mask'] has no entry for modality {m!r}")

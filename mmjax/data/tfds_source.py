@@ -38,6 +38,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from mmjax.data.info import DataInfo
+
 # Keys of a record that are not modalities (`pipeline.Featurize` gives them meaning).
 RESERVED_KEYS = ("label", "mask", "index", "factors")
 _PCM16_SCALE = 32768.0
@@ -329,3 +331,26 @@ def make_source(data_config, split: str) -> TfdsSource:
                     data_dir=data_config.data_dir, label_feature=data_config.label_feature,
                     image_size=data_config.image_size,
                     audio_samples=data_config.audio_samples)
+
+
+def data_info(data_config) -> DataInfo:
+  """What a TFDS dataset tells the evaluators: its splits (`data.splits`), the number
+  of classes (`data.num_classes`, else the label feature's `ClassLabel`), class names
+  (`data.class_names`, else the `ClassLabel`'s names) and prompt templates
+  (`data.prompt_templates`). No oracle ceilings: a recorded dataset cannot know them.
+  """
+  num_classes = int(data_config.get("num_classes") or 0) or None
+  names = tuple(data_config.get("class_names") or ()) or None
+  if data_config.get("label_feature") and (num_classes is None or names is None):
+    builder = load_builder(data_config.name, data_config.data_dir)
+    label = feature_paths(builder.info.features).get(data_config.label_feature)
+    if label is not None and num_classes is None:
+      num_classes = getattr(label, "num_classes", None)
+    if label is not None and names is None:
+      stored = tuple(getattr(label, "names", None) or ())
+      # A ClassLabel built from a count names its classes '0', '1', ...: no names.
+      if stored and stored != tuple(str(i) for i in range(len(stored))):
+        names = stored
+  return DataInfo(name=f"tfds:{data_config.name}", splits=tuple(data_config.splits.keys()),
+                  num_classes=num_classes, class_names=names,
+                  prompt_templates=tuple(data_config.get("prompt_templates") or ()) or None)

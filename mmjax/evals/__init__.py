@@ -9,9 +9,10 @@ Metrics are pure functions of arrays (numpy or jax) returning python floats:
   expected_calibration_error, reliability_diagram
   modality_gap, alignment, uniformity, mutual_knn_alignment, linear_cka
 
-Evaluators (`config.evals`, see `evaluators`), `evaluate_workdir` (`--mode=eval`) and
-the plotting functions (`plots`, matplotlib) are loaded on first use, so
-`from mmjax import evals` stays cheap.
+Evaluators (`config.evals`, see `evaluators`: one module per evaluator) and the
+plotting functions (`plots`, matplotlib) are loaded on first use, so
+`from mmjax import evals` stays cheap. `--mode=eval` (a checkpoint's evaluation) is
+`mmjax.train.eval_mode`: this package imports nothing of `mmjax.train`.
 """
 
 import importlib
@@ -46,11 +47,9 @@ _LAZY = {
     "evaluators": ("mmjax.evals.evaluators", None),
     "EvalContext": ("mmjax.evals.evaluators", "EvalContext"),
     "register": ("mmjax.evals.evaluators", "register"),
-    "evaluator_config": ("mmjax.evals.evaluators", "evaluator_config"),
+    "evaluator_config": ("mmjax.config_lib", "evaluator_config"),
     "build_evaluators": ("mmjax.evals.evaluators", "build_evaluators"),
     "run_evaluators": ("mmjax.evals.evaluators", "run_evaluators"),
-    "eval_mode": ("mmjax.evals.eval_mode", None),
-    "evaluate_workdir": ("mmjax.evals.eval_mode", "evaluate_workdir"),
 }
 
 

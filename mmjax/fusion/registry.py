@@ -2,13 +2,13 @@
 `build_fusion_from_config` (fusion + projections + task head) for models."""
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mmjax import registry as registry_lib
 from mmjax.fusion import common
 
 from mmjax.fusion.attention import AttentionFusion, OvOFusion
@@ -18,7 +18,8 @@ from mmjax.fusion.heads import TaskHead
 from mmjax.fusion.moe import MoEFusion
 from mmjax.fusion.simple import ConcatFusion, LateFusion, MeanFusion
 
-FUSION_MODULES: dict[str, type[nn.Module]] = {
+FUSION_MODULES = registry_lib.Registry("fusion kind")
+for _kind, _module in {
     "concat": ConcatFusion,
     "mean": MeanFusion,
     "late": LateFusion,
@@ -27,17 +28,15 @@ FUSION_MODULES: dict[str, type[nn.Module]] = {
     "moe": MoEFusion,
     "flexmoe": FlexMoEFusion,
     "gated": GatedFusion,
-}
+}.items():
+  FUSION_MODULES.register(_kind, _module)
 FUSION_KINDS = tuple(FUSION_MODULES)
 Array = jax.Array
 
 
 def fusion_config_fields(kind: str) -> tuple[str, ...]:
   """The config fields a fusion kind accepts."""
-  if kind not in FUSION_MODULES:
-    raise ValueError(f"unknown fusion kind {kind!r}; known kinds: {list(FUSION_KINDS)}")
-  return tuple(f.name for f in dataclasses.fields(FUSION_MODULES[kind])
-               if f.init and f.name not in ("parent", "name"))
+  return tuple(FUSION_MODULES.lookup(kind).fields)
 
 
 def build_fusion(kind: str, **config: Any) -> nn.Module:
@@ -56,19 +55,9 @@ def build_fusion(kind: str, **config: Any) -> nn.Module:
     ValueError: unknown kind, a config field the kind does not have (named),
       or an invalid value (e.g. top_k larger than num_experts).
   """
-  fields = fusion_config_fields(kind)
-  unknown = sorted(set(config) - set(fields))
-  if unknown:
-    raise ValueError(f"fusion kind {kind!r} has no config field(s) {unknown}; "
-                     f"its fields are {list(fields)}")
-  required = [f.name for f in dataclasses.fields(FUSION_MODULES[kind])
-              if f.name in fields and f.default is dataclasses.MISSING
-              and f.default_factory is dataclasses.MISSING]
-  missing = sorted(set(required) - set(config))
-  if missing:
-    raise ValueError(f"fusion kind {kind!r} needs config field(s) {missing}")
+  FUSION_MODULES.check_fields(kind, config)
   config = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
-  return FUSION_MODULES[kind](**config)
+  return FUSION_MODULES[kind].obj(**config)
 
 
 def _plain(value: Any) -> Any:
@@ -108,8 +97,13 @@ class FusionWithTaskHead(nn.Module):
   width: int | None = None
   modality_dropout: float = 0.0
 
+  @classmethod
+  def config_fields(cls) -> tuple[str, ...]:
+    return ("kind", "fusion_config", "task_config", "width", "modality_dropout")
+
   def setup(self):
-    self.fusion = build_fusion(self.kind, **dict(self.fusion_config))
+    # Checked by `build_fusion_from_config`; here the fields only become a module.
+    self.fusion = FUSION_MODULES[self.kind].obj(**dict(self.fusion_config))
     task = dict(self.task_config or ())
     self.head = None
     if task and not self.fusion.produces_task_output:

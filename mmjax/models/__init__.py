@@ -1,4 +1,5 @@
 """Encoders, projection heads and the `MultimodalModel` built from config."""
 
-from mmjax.models.model import ModelOutput, MultimodalModel, build, l2_normalize
+from mmjax.models.model import (ModelOutput, MultimodalModel, build, encoder_fields,
+                                l2_normalize)
 from mmjax.models.registry import ENCODERS, build_encoder

@@ -7,11 +7,12 @@ carry its patch size after a slash ('B/16'); `build_encoder('vit', 'B')`
 uses patch 16.
 """
 import dataclasses
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional
 
 import flax.linen as nn
 import jax.numpy as jnp
 
+from mmjax import registry as registry_lib
 from mmjax.models import audio as audio_lib
 from mmjax.models import mlp as mlp_lib
 from mmjax.models import text as text_lib
@@ -76,7 +77,9 @@ class EncoderSpec:
   default_patch: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
-ENCODERS: Dict[str, EncoderSpec] = {
+# kind -> Entry(EncoderSpec, the module's fields and defaults).
+ENCODERS = registry_lib.Registry('encoder kind')
+for _kind, _spec in {
     'vit': EncoderSpec(
         module=vit_lib.ViT, sizes=_VIT_SIZES, default_variant='mu',
         size_defaults={'mu': dict(pool='gap')},
@@ -93,21 +96,14 @@ ENCODERS: Dict[str, EncoderSpec] = {
         default_variant='mu'),
     'mlp': EncoderSpec(
         module=mlp_lib.TabularMLP, sizes=_MLP_SIZES, default_variant='mu'),
-}
-
-
-def _module_fields(module_cls) -> Tuple[str, ...]:
-  return tuple(f.name for f in dataclasses.fields(module_cls)
-               if f.name not in ('parent', 'name'))
+}.items():
+  ENCODERS.register(_kind, _spec, registry_lib.dataclass_fields(_spec.module))
 
 
 def variant_config(kind: str, variant: Optional[str] = None
                    ) -> Dict[str, Any]:
   """Returns the module fields a variant sets (before overrides)."""
-  if kind not in ENCODERS:
-    raise ValueError(
-        f'unknown encoder kind {kind!r}; valid kinds: {sorted(ENCODERS)}')
-  spec = ENCODERS[kind]
+  spec = ENCODERS.lookup(kind).obj
   variant = spec.default_variant if variant is None else variant
   size, sep, patch = str(variant).partition('/')
   valid = ', '.join(spec.sizes)
@@ -130,6 +126,32 @@ def variant_config(kind: str, variant: Optional[str] = None
   return config
 
 
+def encoder_fields(kind: str, variant: Optional[str] = None, where: str = '',
+                   **overrides) -> Dict[str, Any]:
+  """The module fields of an encoder: its variant's, then `overrides` (checked).
+
+  Raises:
+    ValueError: unknown kind, variant or override field (the message lists
+      the valid ones), or an unknown dtype name.
+  """
+  config = {k: v for k, v in ENCODERS.lookup(kind, where).fields.items()
+            if v is not dataclasses.MISSING}
+  config.update(variant_config(kind, variant))
+  ENCODERS.check_fields(kind, overrides, where)
+  for key, value in overrides.items():
+    if key == 'dtype' and isinstance(value, str):
+      # Configs name dtypes as strings ('bfloat16').
+      try:
+        value = jnp.dtype(value)
+      except TypeError:
+        raise ValueError(
+            f'unknown dtype {value!r} for encoder kind {kind!r}') from None
+    elif isinstance(value, list):
+      value = tuple(value)  # configs give lists; module fields stay hashable
+    config[key] = value
+  return config
+
+
 def build_encoder(kind: str, variant: Optional[str] = None,
                   **overrides) -> nn.Module:
   """Builds an encoder module.
@@ -149,26 +171,6 @@ def build_encoder(kind: str, variant: Optional[str] = None,
     property) is the width of the pooled features it returns.
 
   Raises:
-    ValueError: unknown kind, variant or override field (the message lists
-      the valid ones).
+    ValueError: see `encoder_fields`.
   """
-  config = variant_config(kind, variant)
-  module_cls = ENCODERS[kind].module
-  fields = _module_fields(module_cls)
-  unknown = sorted(set(overrides) - set(fields))
-  if unknown:
-    raise ValueError(
-        f'unknown field(s) {unknown} for encoder kind {kind!r}; valid fields: '
-        f'{list(fields)}')
-  for key, value in overrides.items():
-    if key == 'dtype' and isinstance(value, str):
-      # Configs name dtypes as strings ('bfloat16').
-      try:
-        value = jnp.dtype(value)
-      except TypeError:
-        raise ValueError(
-            f'unknown dtype {value!r} for encoder kind {kind!r}') from None
-    elif isinstance(value, list):
-      value = tuple(value)  # configs give lists; module fields stay hashable
-    config[key] = value
-  return module_cls(**config)
+  return ENCODERS[kind].obj.module(**encoder_fields(kind, variant, **overrides))

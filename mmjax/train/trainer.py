@@ -17,14 +17,11 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from mmjax import experiment
 from mmjax import models
-from mmjax.data import missing as missing_lib
 from mmjax.data import pipeline
-from mmjax.data import tokenizer as tokenizer_lib
-from mmjax.data import world as world_lib
 from mmjax.evals import evaluators as evaluators_lib
 from mmjax.train import checkpoint as ckpt_lib
-from mmjax.train import distributed
 from mmjax.train import logging as log_lib
 from mmjax.train import mesh as mesh_lib
 from mmjax.train import objectives
@@ -64,89 +61,20 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def model_modalities(config) -> tuple[str, ...]:
-  return tuple(sorted(config.model.encoders.keys()))
-
-
-def check_config(config, mesh) -> None:
-  """Errors a user can fix in the config, raised before anything is built."""
-  produced = pipeline.source_modalities(config.data)
-  for m in model_modalities(config):
-    if m not in produced:
-      raise ValueError(f"model.encoders.{m}: the data ({config.data.kind}) produces no "
-                       f"modality {m!r}; it produces {sorted(produced)}")
-  distributed.check_global_batch(config.batch_size, num_processes=jax.process_count(),
-                                 devices_per_process=jax.local_device_count(),
-                                 data_axis_size=mesh.shape["data"])
-  objectives.get(config.objective.kind)
-  check_tokenizer(config)
-  task = config.model.get("task")
-  if task is not None and config.data.kind == "world":
-    num_classes = world_lib.WorldSpec.from_config(config.data).num_classes
-    if task.num_classes != num_classes:
-      raise ValueError(f"model.task.num_classes={task.num_classes}, but data.label "
-                       f"{tuple(config.data.label.factors)} ({config.data.label.mode}) "
-                       f"has {num_classes} classes")
-
-
-def make_featurize(config) -> pipeline.Featurize:
-  modalities = model_modalities(config)
-  missingness = missing_lib.Missingness.from_config(config.data.missing, modalities)
-  return pipeline.Featurize.from_config(config.data, modalities, missingness)
-
-
-def check_tokenizer(config) -> None:
-  """Text encoders must read the ids the data's tokenizer writes: same vocabulary size,
-  pad and eos ids, and room for `data.text_max_len` tokens."""
-  spec = config.data.get("tokenizer", "byte")
-  tokenizer = tokenizer_lib.make_tokenizer(spec, config.data.text_max_len)
-  for m, enc in config.model.encoders.items():
-    if enc.kind != "text":
-      continue
-    module = models.build_encoder(**enc.to_dict())
-    wanted = {"vocab_size": tokenizer.vocab_size, "pad_id": tokenizer.pad_id,
-              "eos_id": tokenizer.eos_id}
-    wrong = {k: (getattr(module, k), v) for k, v in wanted.items() if getattr(module, k) != v}
-    if wrong:
-      raise ValueError(
-          f"model.encoders.{m} does not match data.tokenizer={spec!r}: "
-          + ", ".join(f"{k}={have} (the tokenizer's is {want})"
-                      for k, (have, want) in wrong.items())
-          + "; set these fields in the encoder config")
-    if module.max_len < config.data.text_max_len:
-      raise ValueError(f"model.encoders.{m}.max_len={module.max_len} is shorter than "
-                       f"data.text_max_len={config.data.text_max_len}")
-
-
-def sample_batch(source, featurize, size: int = 1) -> dict:
-  rows = [featurize((i, source[i])) for i in range(size)]
-  return jax.tree.map(lambda *xs: np.stack(xs), *rows)
-
-
-def group_batches(data_config) -> dict:
-  """`train_dataset`'s grouping arguments from `config.data.group_batches` (world only)."""
-  groups = data_config.get("group_batches")
-  if groups is None or not groups.size:
-    return {}
-  return {"group_size": int(groups.size), "group_share": tuple(groups.share)}
-
-
 def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   """Trains `config` in `workdir` (resuming if it has checkpoints). Returns the final
   metrics."""
   workdir = os.path.abspath(workdir)
   mesh = mesh_lib.make_mesh(config.mesh)
-  check_config(config, mesh)
+  experiment.check_config(config, mesh)
+  objective = objectives.build(config.objective, config.model)
+  evaluators = experiment.build_evaluators(config)
   config_dict = json.loads(config.to_json_best_effort())
 
   # Data.
-  featurize = make_featurize(config)
+  featurize = experiment.make_featurize(config)
   train_source = pipeline.make_source(config.data, "train")
-  train_data = pipeline.train_dataset(train_source, featurize, seed=config.seed,
-                                      global_batch_size=config.batch_size,
-                                      num_threads=config.data.num_threads,
-                                      **group_batches(config.data))
-  data_iter = iter(train_data)
+  data_iter = iter(experiment.train_dataset(config, train_source, featurize))
 
   # Model, optimizer, state.
   model = models.build(config.model)
@@ -154,7 +82,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   schedule = opt_lib.learning_rate_schedule(config.optimizer, config.total_steps)
   rng = jax.random.key(config.seed)
   init_rng, step_rng = jax.random.split(rng)
-  state = step_lib.create_train_state(model, tx, sample_batch(train_source, featurize),
+  state = step_lib.create_train_state(model, tx,
+                                      experiment.sample_batch(train_source, featurize),
                                       init_rng, mesh)
 
   # Resume.
@@ -170,17 +99,17 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
       json.dump(config_dict, f, indent=2)
 
   train_step = step_lib.make_train_step(
-      model, objectives.get(config.objective.kind), config.objective, mesh,
+      model, objective, config.objective, mesh,
       deterministic_reductions=config.deterministic_reductions)
   apply_fn = step_lib.make_apply_fn(model)
-  evaluators = evaluators_lib.build_evaluators(config.evals, config.eval_every_steps,
-                                               config=config)
   reports: dict[str, str] = {}     # summary.md sections from evaluators (ctx.add_report)
+  data_info = pipeline.data_info(config.data)
 
   def evaluate(step: int, force: bool = False) -> dict[str, float]:
-    ctx = evaluators_lib.EvalContext(config=config, workdir=workdir, mesh=mesh,
-                                     params=state.params, apply_fn=apply_fn,
-                                     featurize=featurize, step=step, reports=reports)
+    ctx = experiment.eval_context(
+        config, workdir=workdir, mesh=mesh, featurize=featurize, step=step,
+        predict=lambda batch: apply_fn(state.params, batch), reports=reports,
+        data=data_info)
     return evaluators_lib.run_evaluators(ctx, evaluators, force=force)
 
   writer = log_lib.MetricWriter(workdir)

@@ -25,6 +25,7 @@ from typing import Sequence
 import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from mmjax import experiment
 from mmjax import models
 from mmjax.data import pipeline
 from mmjax.evals import evaluators as evaluators_lib
@@ -33,7 +34,6 @@ from mmjax.train import mesh as mesh_lib
 from mmjax.train import optimizer as opt_lib
 from mmjax.train import step as step_lib
 from mmjax.train import summary as summary_lib
-from mmjax.train import trainer
 
 
 def output_dir(workdir: str, step: int) -> str:
@@ -66,7 +66,7 @@ def abstract_train_state(config, model, featurize, mesh):
   """Shapes, dtypes and (replicated) shardings of the config's train state, computed
   without running the model: the target of the restore."""
   tx = opt_lib.make_optimizer(config.optimizer, config.total_steps)
-  sample = trainer.sample_batch(pipeline.make_source(config.data, "train"), featurize)
+  sample = experiment.sample_batch(pipeline.make_source(config.data, "train"), featurize)
 
   def init(rng):
     params = step_lib.init_variables(model, sample, rng)["params"]
@@ -106,9 +106,8 @@ def evaluate_workdir(config, workdir: str, *, checkpoint_step: int | None = None
     raise ValueError(f"--checkpoint_step={step}: {workdir}/checkpoints has no checkpoint at "
                      f"that step; saved steps: {steps}")
   mesh = mesh_lib.make_mesh(config.mesh)
-  trainer.check_config(config, mesh)
-  evaluators = evaluators_lib.build_evaluators(config.evals, config.eval_every_steps,
-                                               config=config, only=evals)
+  experiment.check_config(config, mesh)
+  evaluators = experiment.build_evaluators(config, only=evals)
   if not evaluators:
     raise ValueError("--mode=eval: config.evals names no evaluator to run")
 
@@ -116,7 +115,7 @@ def evaluate_workdir(config, workdir: str, *, checkpoint_step: int | None = None
   try:
     config_dict = json.loads(config.to_json_best_effort())
     ckpt_lib.check_compatible(manager, step, config_dict, workdir)
-    featurize = trainer.make_featurize(config)
+    featurize = experiment.make_featurize(config)
     model = models.build(config.model)
     state = ckpt_lib.restore(manager, step,
                              abstract_train_state(config, model, featurize, mesh))
@@ -125,10 +124,10 @@ def evaluate_workdir(config, workdir: str, *, checkpoint_step: int | None = None
 
   out_dir = output_dir(workdir, step)
   reports: dict[str, str] = {}
-  ctx = evaluators_lib.EvalContext(config=config, workdir=out_dir, mesh=mesh,
-                                   params=state.params,
-                                   apply_fn=step_lib.make_apply_fn(model),
-                                   featurize=featurize, step=step, reports=reports)
+  apply_fn = step_lib.make_apply_fn(model)
+  ctx = experiment.eval_context(config, workdir=out_dir, mesh=mesh, featurize=featurize,
+                                step=step, reports=reports,
+                                predict=lambda batch: apply_fn(state.params, batch))
   metrics = evaluators_lib.run_evaluators(ctx, evaluators, force=True)
   if jax.process_index() == 0:
     os.makedirs(out_dir, exist_ok=True)

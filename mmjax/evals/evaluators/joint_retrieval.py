@@ -15,15 +15,14 @@ Like `retrieval`, it ranks the samples whose modalities in the query are all pre
 
 from __future__ import annotations
 
-import itertools
 from typing import Sequence
 
 import numpy as np
 
 from mmjax import align
-from mmjax.data import world as world_lib
-from mmjax.evals import evaluators
 from mmjax.evals import retrieval as retrieval_lib
+from mmjax.evals.evaluators import EvalContext, register
+from mmjax.evals.evaluators.retrieval import retrieval
 
 SCORES = ("volume", "sum_cosine")
 
@@ -50,42 +49,33 @@ def parse_joint(spec: str, modalities: Sequence[str]) -> tuple[str, tuple[str, .
   return query, targets
 
 
-def default_joint(config, modalities: Sequence[str]) -> tuple[str, ...]:
+def default_joint(anchor: str | None, modalities: Sequence[str]) -> tuple[str, ...]:
   """The anchor against the rest (every modality against the rest without an
   anchor); nothing with fewer than three modalities."""
   names = sorted(modalities)
   if len(names) < 3:
     return ()
-  anchor = config.objective.get("anchor")
   queries = [anchor] if anchor in names else names
   return tuple(f"{q}->{'+'.join(m for m in names if m != q)}" for q in queries)
 
 
-def resolve_score(score: str, config) -> str:
+def resolve_score(score: str, objective: str) -> str:
+  """'auto' -> 'volume' when the objective kind has a 'gram' term, else 'sum_cosine'."""
   if score == "auto":
-    return "volume" if "gram" in str(config.objective.kind).split("+") else "sum_cosine"
+    return "volume" if "gram" in str(objective).split("+") else "sum_cosine"
   if score not in SCORES:
     raise ValueError(f"joint retrieval score must be 'auto' or one of {SCORES}, got "
                      f"{score!r}")
   return score
 
 
-def joint_ceiling(spec: world_lib.WorldSpec, query: str, targets: Sequence[str],
-                  factors) -> float:
-  """Expected R@1 of an oracle that sees the factors the query expresses and any of
-  the targets expresses."""
-  seen_by_targets = set(itertools.chain.from_iterable(
-      spec.expresses.get(t, ()) for t in targets))
-  used = [f for f in world_lib.FACTOR_NAMES
-          if f in spec.expresses.get(query, ()) and f in seen_by_targets]
-  return world_lib.oracle_recall_at_1(factors, used)
+def _check(c, data, where):
+  del data
+  resolve_score(c.score, "")
 
 
-FIELDS = {"pairs": (), "ks": (1, 5, 10), "plot_max_k": 50, "joint": (), "score": "auto"}
-
-
-@evaluators.register("joint_retrieval", FIELDS)
-def joint_retrieval(ctx: evaluators.EvalContext, c) -> dict[str, float]:
+@register("joint_retrieval", check=_check)
+def joint_retrieval(ctx: EvalContext, c) -> dict[str, float]:
   """Pairwise retrieval (as `retrieval`) plus joint queries.
 
   Fields: those of `retrieval` (`pairs`, `ks`, `plot_max_k`), `joint` (query specs
@@ -93,17 +83,15 @@ def joint_retrieval(ctx: evaluators.EvalContext, c) -> dict[str, float]:
   'volume', 'sum_cosine'). A joint query ranks only the samples where the query and
   every target modality are present.
   """
-  metrics = evaluators.retrieval(ctx, c)
+  metrics = retrieval(ctx, c)
   outputs = ctx.outputs(c.split, c.batch_size)
   embeddings = outputs["embeddings"]
-  joint = tuple(c.joint) or default_joint(ctx.config, embeddings)
-  score = resolve_score(c.score, ctx.config)
+  joint = tuple(c.joint) or default_joint(ctx.anchor, ctx.modalities)
+  score = resolve_score(c.score, ctx.objective)
   score_fn = _negative_volume if score == "volume" else "sum_cosine"
-  world_spec = None
-  if ctx.config.data.kind == "world" and outputs.get("factors") is not None:
-    world_spec = world_lib.WorldSpec.from_config(ctx.config.data)
+  factors = outputs.get("factors")
   for spec in joint:
-    query, targets = parse_joint(spec, embeddings)
+    query, targets = parse_joint(spec, ctx.modalities)
     name = f"{query}->{'+'.join(targets)}"
     keep = np.all([np.asarray(outputs["mask"][m], bool) for m in (query, *targets)],
                   axis=0)
@@ -114,7 +102,7 @@ def joint_retrieval(ctx: evaluators.EvalContext, c) -> dict[str, float]:
         embeddings[query][keep], [embeddings[t][keep] for t in targets], tuple(c.ks),
         score=score_fn, mesh=ctx.mesh).items():
       metrics[f"{name}/{k}"] = v
-    if world_spec is not None:
-      metrics[f"{name}/R@1_ceiling"] = joint_ceiling(world_spec, query, targets,
-                                                     outputs["factors"][keep])
+    if ctx.data.retrieval_ceiling is not None and factors is not None:
+      metrics[f"{name}/R@1_ceiling"] = ctx.data.retrieval_ceiling(query, targets,
+                                                                  factors[keep])
   return metrics

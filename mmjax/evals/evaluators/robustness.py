@@ -12,14 +12,15 @@ split:
 Metrics (the runner prefixes `eval/<name>/`):
 
   <combination>/accuracy, <combination>/ece   combination names sorted, joined by '+'
-  <condition>/ceiling                         procedural world only: accuracy of an
-                                              oracle that knows exactly the factors the
-                                              present modalities express (for missing
-                                              rates: its mean over the examples)
+  <condition>/ceiling                         where the source knows it (the procedural
+                                              world): accuracy of an oracle that sees
+                                              exactly what the present modalities carry
+                                              (for missing rates: its mean over examples)
   missing_<r>/accuracy, missing_<r>/ece       r as written in `rates`, e.g. missing_0.3
   chance                                      accuracy of always predicting the most
-                                              likely class (world: exact; otherwise the
-                                              split's majority-class frequency)
+                                              likely class (the source's, when it knows
+                                              it exactly; otherwise the split's
+                                              majority-class frequency)
 
 It draws a heatmap of these (WORKDIR/plots/<name>_heatmap.png) and adds the markdown
 table (`markdown_table`) to summary.md as a section.
@@ -30,17 +31,12 @@ default 15), `seed` (of the test-time missingness, default 0), `plot` (default T
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Any, Mapping, Sequence
 
-import jax
 import numpy as np
-from jax.experimental import multihost_utils
 
 from mmjax.data import missing as missing_lib
-from mmjax.data import pipeline
-from mmjax.data import world as world_lib
 from mmjax.evals import calibration
 from mmjax.evals import plots
 from mmjax.evals.evaluators import EvalContext, register
@@ -80,36 +76,6 @@ class _WithPresence:
     return out
 
 
-def model_modalities(config) -> tuple[str, ...]:
-  return tuple(sorted(config.model.encoders.keys()))
-
-
-def predict(ctx: EvalContext, source, featurize, batch_size: int
-            ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
-  """Logits [N, C], labels [N] and mask {m: bool [N]} of the model on a whole split."""
-  num_data = ctx.mesh.shape["data"]
-  if batch_size % num_data or batch_size % jax.process_count():
-    raise ValueError(f"robustness batch_size {batch_size} must be divisible by the "
-                     f"{num_data} devices and {jax.process_count()} processes")
-  pieces = []
-  for local_batch, valid in pipeline.eval_batches(source, featurize,
-                                                   global_batch_size=batch_size):
-    if "label" not in local_batch:
-      raise ValueError("the robustness evaluator needs labels, but the data has no "
-                       "'label' (configure data.label)")
-    batch = pipeline.to_global(local_batch, ctx.mesh)
-    out = ctx.apply_fn(ctx.params, batch)
-    if out.logits is None:
-      raise ValueError("the robustness evaluator needs task logits: the model has no "
-                       "task head (set model.fusion and model.task)")
-    host = {"logits": out.logits, "label": batch["label"], "mask": batch["mask"]}
-    host = jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)),
-                        host)
-    pieces.append(jax.tree.map(lambda x: x[:valid], host))
-  host = jax.tree.map(lambda *xs: np.concatenate(xs), *pieces)
-  return host["logits"], host["label"], host["mask"]
-
-
 def accuracy_and_ece(logits: np.ndarray, labels: np.ndarray, n_bins: int = 15
                      ) -> tuple[float, float]:
   """Top-1 accuracy and expected calibration error (softmax confidences)."""
@@ -119,52 +85,19 @@ def accuracy_and_ece(logits: np.ndarray, labels: np.ndarray, n_bins: int = 15
   return accuracy, ece
 
 
-def _label_distribution(spec: world_lib.WorldSpec, known: set[str]) -> float:
-  """Largest probability of one label given the values of the `known` factors."""
-  unknown = [len(world_lib.FACTORS[f]) for f in spec.label_factors if f not in known]
-  if spec.label_mode == "product":
-    return 1.0 / math.prod(unknown)
-  # sum_mod: the label is a known offset plus the sum of independent uniform unknown
-  # factors, modulo K; the offset only shifts the distribution.
-  k = spec.label_num_classes
-  dist = np.zeros(k)
-  dist[0] = 1.0
-  for n in unknown:
-    step = np.zeros(k)
-    for v in range(n):
-      step[v % k] += 1.0 / n
-    dist = np.real(np.fft.ifft(np.fft.fft(dist) * np.fft.fft(step)))
-  return float(dist.max())
+def check_rates(rates: Sequence[float], where: str = "robustness") -> tuple[float, ...]:
+  rates = tuple(float(r) for r in rates)
+  for r in rates:
+    if not 0.0 <= r < 1.0:
+      raise ValueError(f"{where}.rates must be in [0, 1), got {r}")
+  return rates
 
 
-def world_oracle_accuracy(spec: world_lib.WorldSpec, present: Sequence[str]) -> float:
-  """Accuracy of an oracle that sees exactly the factors the `present` modalities
-  express (the others are uniform and independent): the best possible accuracy."""
-  known = set()
-  for m in present:
-    known |= set(spec.expresses.get(m, ()))
-  return _label_distribution(spec, known)
-
-
-def mean_oracle_accuracy(spec: world_lib.WorldSpec, mask: Mapping[str, np.ndarray]
-                         ) -> float:
-  """Mean over examples of `world_oracle_accuracy` for each example's present set.
-
-  Args:
-    spec: the world.
-    mask: modality -> bool [N].
-  """
-  names = sorted(mask)
-  present = np.stack([np.asarray(mask[m], bool) for m in names], axis=1)
-  subsets, inverse = np.unique(present, axis=0, return_inverse=True)
-  per_subset = np.array([world_oracle_accuracy(spec, [m for m, p in zip(names, row) if p])
-                         for row in subsets])
-  return float(np.mean(per_subset[inverse.reshape(-1)]))
-
-
-def world_chance(spec: world_lib.WorldSpec) -> float:
-  """Accuracy of always predicting the most likely label."""
-  return _label_distribution(spec, set())
+def _check(c, data, where: str) -> None:
+  del data
+  check_rates(c.rates, where)
+  if not isinstance(c.n_bins, int) or c.n_bins < 1:
+    raise ValueError(f"{where}.n_bins must be a positive integer, got {c.n_bins!r}")
 
 
 def rate_name(rate: float) -> str:
@@ -209,18 +142,9 @@ def evaluate_robustness(ctx: EvalContext, *, split: str, batch_size: int,
                         rates: Sequence[float] = DEFAULT_RATES, n_bins: int = 15,
                         seed: int = 0) -> dict[str, float]:
   """The metrics of the module doc, without writing files."""
-  rates = tuple(float(r) for r in rates)
-  for r in rates:
-    if not 0.0 <= r < 1.0:
-      raise ValueError(f"robustness rates must be in [0, 1), got {r}")
-  config = ctx.config
-  modalities = model_modalities(config)
-  try:
-    raw = ctx.source(split)
-  except ValueError as e:
-    raise ValueError(f"robustness split {split!r}: {e}") from None
-  clean = pipeline.Featurize.from_config(config.data, modalities)
-  source = _CachedSource(raw, clean)
+  rates = check_rates(rates)
+  modalities = ctx.modalities
+  source = _CachedSource(ctx.source(split), ctx.featurize.without_missingness())
 
   conditions: list[tuple[str, Any]] = []
   for subset in missing_lib.all_combinations(modalities):
@@ -232,36 +156,38 @@ def evaluate_robustness(ctx: EvalContext, *, split: str, batch_size: int,
                                           rates={m: r for m in modalities}, seed=seed)
     conditions.append((rate_name(r), lambda i, ex, mi=missingness: mi.present(i, ex)))
 
-  spec = world_lib.WorldSpec.from_config(config.data) if config.data.kind == "world" else None
   metrics: dict[str, float] = {}
   labels = None
   for name, present in conditions:
-    logits, labels, mask = predict(ctx, source, _WithPresence(present), batch_size)
-    accuracy, ece = accuracy_and_ece(logits, labels, n_bins)
+    out = ctx.run(source, _WithPresence(present), batch_size, ("logits", "label", "mask"))
+    if out["label"] is None:
+      raise ValueError(f"{ctx.where}: the robustness evaluator needs labels, but the data "
+                       f"({ctx.data.name}) has no 'label'")
+    if out["logits"] is None:
+      raise ValueError(f"{ctx.where}: the robustness evaluator needs task logits: the "
+                       "model has no task head (set model.fusion and model.task)")
+    labels = out["label"]
+    accuracy, ece = accuracy_and_ece(out["logits"], labels, n_bins)
     metrics[f"{name}/accuracy"] = accuracy
     metrics[f"{name}/ece"] = ece
-    if spec is not None:
-      metrics[f"{name}/ceiling"] = mean_oracle_accuracy(spec, mask)
-  if spec is not None:
-    metrics["chance"] = world_chance(spec)
-  else:
-    metrics["chance"] = float(np.max(np.bincount(labels)) / len(labels))
+    if ctx.data.label_ceiling is not None:
+      metrics[f"{name}/ceiling"] = ctx.data.label_ceiling(out["mask"])
+  metrics["chance"] = (ctx.data.chance if ctx.data.chance is not None
+                       else float(np.max(np.bincount(labels)) / len(labels)))
   return metrics
 
 
-@register("robustness", fields={"rates": DEFAULT_RATES, "n_bins": 15, "seed": 0,
-                                "plot": True})
+@register("robustness", check=_check)
 def robustness(ctx: EvalContext, c) -> dict[str, float]:
   """Accuracy and ECE for every modality combination and test-time missing rate."""
   rates = tuple(c.rates)
   metrics = evaluate_robustness(ctx, split=c.split, batch_size=c.batch_size, rates=rates,
                                 n_bins=c.n_bins, seed=c.seed)
-  modalities = model_modalities(ctx.config)
   if ctx.writes_files and c.plot:
     os.makedirs(ctx.plot_dir, exist_ok=True)
-    plot_robustness(metrics, modalities, rates, ctx.plot_path("heatmap.png"),
-                    title=f"{ctx.config.name} (step {ctx.step})")
+    plot_robustness(metrics, ctx.modalities, rates, ctx.plot_path("heatmap.png"),
+                    title=f"{ctx.name} (step {ctx.step})")
   ctx.add_report(f"Robustness to missing modalities ({ctx.name or 'robustness'})",
                  f"Split `{c.split}`, step {ctx.step}.\n\n"
-                 + markdown_table(metrics, modalities, rates))
+                 + markdown_table(metrics, ctx.modalities, rates))
   return metrics

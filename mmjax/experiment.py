@@ -1,0 +1,137 @@
+"""One experiment's parts, built from its config: the checks, the data, the model.
+
+The trainer (`mmjax.train.trainer`) and eval mode (`mmjax.train.eval_mode`) build what
+they run here, so a config means the same to both and each check runs once, where the
+config becomes objects:
+
+  check_config(config, mesh)       errors a user can fix in the config, before any build
+  make_featurize(config)           records -> fixed-shape arrays (tokenizer, missingness)
+  sample_batch(source, featurize)  a host batch whose shapes initialise the model
+  train_dataset(config, source, featurize)   the grain pipeline of the training split
+  model_modalities(config)         the modalities the model encodes (sorted)
+  build_evaluators(config)         `config.evals`, checked against the data and model
+  eval_context(config, ...)        what the evaluators see of a run (no config)
+
+It sits between the library (data, models) and the runners (train): the evaluators
+never import it, nor anything of `mmjax.train`.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from mmjax import models
+from mmjax.evals import evaluators as evaluators_lib
+from mmjax.data import missing as missing_lib
+from mmjax.data import pipeline
+from mmjax.data import tokenizer as tokenizer_lib
+from mmjax.train import distributed
+
+
+def model_modalities(config) -> tuple[str, ...]:
+  return tuple(sorted(config.model.encoders.keys()))
+
+
+def check_config(config, mesh) -> None:
+  """Errors a user can fix in the config, raised before anything is built: the data
+  produces every modality the model encodes, the global batch splits over processes
+  and devices, text encoders read the tokenizer's ids, and the task head has as many
+  classes as the data's label."""
+  produced = pipeline.source_modalities(config.data)
+  for m in model_modalities(config):
+    if m not in produced:
+      raise ValueError(f"model.encoders.{m}: the data ({config.data.kind}) produces no "
+                       f"modality {m!r}; it produces {sorted(produced)}")
+  distributed.check_global_batch(config.batch_size, num_processes=jax.process_count(),
+                                 devices_per_process=jax.local_device_count(),
+                                 data_axis_size=mesh.shape["data"])
+  check_tokenizer(config)
+  task = config.model.get("task")
+  num_classes = pipeline.data_info(config.data).num_classes
+  if task is not None and num_classes and task.num_classes != num_classes:
+    raise ValueError(f"model.task.num_classes={task.num_classes}, but the data's label "
+                     f"({pipeline.data_info(config.data).name}) has {num_classes} classes")
+
+
+def check_tokenizer(config) -> None:
+  """Text encoders must read the ids the data's tokenizer writes: same vocabulary size,
+  pad and eos ids, and room for `data.text_max_len` tokens."""
+  spec = config.data.get("tokenizer", "byte")
+  tokenizer = tokenizer_lib.make_tokenizer(spec, config.data.text_max_len)
+  for m, enc in config.model.encoders.items():
+    if enc.kind != "text":
+      continue
+    fields = models.encoder_fields(enc, where=f"model.encoders.{m}")
+    wanted = {"vocab_size": tokenizer.vocab_size, "pad_id": tokenizer.pad_id,
+              "eos_id": tokenizer.eos_id}
+    wrong = {k: (fields[k], v) for k, v in wanted.items() if fields[k] != v}
+    if wrong:
+      raise ValueError(
+          f"model.encoders.{m} does not match data.tokenizer={spec!r}: "
+          + ", ".join(f"{k}={have} (the tokenizer's is {want})"
+                      for k, (have, want) in wrong.items())
+          + "; set these fields in the encoder config")
+    if fields["max_len"] < config.data.text_max_len:
+      raise ValueError(f"model.encoders.{m}.max_len={fields['max_len']} is shorter than "
+                       f"data.text_max_len={config.data.text_max_len}")
+
+
+def text_modalities(config) -> tuple[str, ...]:
+  """The modalities whose encoder reads token ids (kind 'text'), whatever their name."""
+  return tuple(m for m in model_modalities(config)
+               if config.model.encoders[m].kind == "text")
+
+
+def make_featurize(config, *, missing: bool = True) -> pipeline.Featurize:
+  """The featurizer of `config.data` for the model's modalities; `missing=False`
+  leaves out the configured missingness (every modality present)."""
+  modalities = model_modalities(config)
+  missingness = (missing_lib.Missingness.from_config(config.data.missing, modalities)
+                 if missing else None)
+  return pipeline.Featurize.from_config(config.data, modalities, missingness,
+                                        text_modalities=text_modalities(config))
+
+
+def sample_batch(source, featurize, size: int = 1) -> dict:
+  """The first `size` examples of `source`, featurised and stacked (host numpy)."""
+  rows = [featurize((i, source[i])) for i in range(size)]
+  return jax.tree.map(lambda *xs: np.stack(xs), *rows)
+
+
+def group_batches(data_config) -> dict:
+  """`pipeline.train_dataset`'s grouping arguments from `config.data.group_batches`."""
+  groups = data_config.get("group_batches")
+  if groups is None or not groups.size:
+    return {}
+  return {"group_size": int(groups.size), "group_share": tuple(groups.share)}
+
+
+def train_dataset(config, source, featurize):
+  """The training stream of `config`: shuffled (or grouped) batches of this process."""
+  return pipeline.train_dataset(source, featurize, seed=config.seed,
+                                global_batch_size=config.batch_size,
+                                num_threads=config.data.num_threads,
+                                **group_batches(config.data))
+
+
+def build_evaluators(config, only=None) -> dict:
+  """`config.evals` -> name -> (fn, full config, every), every entry checked."""
+  return evaluators_lib.build_evaluators(
+      config.evals, config.eval_every_steps, data=pipeline.data_info(config.data),
+      modalities=model_modalities(config), only=only)
+
+
+def eval_context(config, *, workdir: str, mesh, predict, featurize, step: int,
+                 reports: dict | None = None, data=None) -> evaluators_lib.EvalContext:
+  """What the evaluators see of a run: the model's predictions, the data's splits and
+  `DataInfo` (`data`, computed here when None), and the objective's anchor and kind;
+  never the config itself."""
+  return evaluators_lib.EvalContext(
+      predict=predict, featurize=featurize,
+      sources=lambda split: pipeline.make_source(config.data, split),
+      data=data if data is not None else pipeline.data_info(config.data),
+      modalities=model_modalities(config),
+      mesh=mesh, workdir=workdir, step=step, anchor=config.objective.get("anchor"),
+      objective=str(config.objective.kind),
+      reports=reports if reports is not None else {})
