@@ -84,7 +84,9 @@ def tfds_data(name: str, features, *, data_dir: str | None = None,
   d.splits = ml_collections.ConfigDict(
       dict(splits) if splits is not None
       else {"train": "train", "test": "test", "validation": "validation"})
-  d.num_classes = 0                 # 0: evaluators count the labels they see
+  d.num_classes = 0                 # 0: the label feature's ClassLabel, or the labels seen
+  d.class_names = ()                # (): the label feature's ClassLabel names, if any
+  d.prompt_templates = ()           # zero-shot prompts ('a photo of a {}.'); (): CLIP-style
   d.image_size = 0                  # > 0: resize images to [image_size, image_size]
   d.audio_samples = 0               # > 0: crop / zero-pad waveforms to this length
   d.text_max_len = 72
@@ -173,13 +175,64 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer.clip_norm = 1.0
 
   c.evals = ml_collections.ConfigDict()
-  c.evals.retrieval = ml_collections.ConfigDict(
-      {"kind": "retrieval", "split": "test", "every": -1, "batch_size": 256})
+  c.evals.retrieval = evaluator_config("retrieval")
   c.lock()
   # Keys of these two are names checked against registries and the data when the run
   # starts (a modality the data lacks, an unknown evaluator), so configs may add them.
   c.model.encoders.unlock()
   c.evals.unlock()
+  return c
+
+
+# Every evaluator's config fields and their defaults (`config.evals.<name>`), so that
+# configs read without importing the evaluators; `mmjax.evals.evaluators.register` takes
+# an evaluator's fields from here. Fields every evaluator has:
+EVALUATOR_COMMON_FIELDS = {"kind": "", "split": "test", "every": -1, "batch_size": 256}
+_RETRIEVAL_FIELDS = {"pairs": (), "ks": (1, 5, 10), "plot_max_k": 50}
+_ZERO_SHOT_FIELDS = {"modality": "image", "text_modality": "text", "templates": (),
+                     "class_names": ()}
+_PROBE_FIELDS = {"modalities": (), "representation": "embeddings", "train_split": "train",
+                 "train_examples": 2048}
+EVALUATOR_FIELDS = {
+    "retrieval": _RETRIEVAL_FIELDS,
+    "joint_retrieval": dict(_RETRIEVAL_FIELDS, joint=(), score="auto"),
+    "zero_shot": _ZERO_SHOT_FIELDS,
+    "linear_probe": dict(_PROBE_FIELDS, val_split="validation",
+                         l2_grid=(1e-4, 1e-3, 1e-2, 1e-1), steps=500),
+    "knn": dict(_PROBE_FIELDS, k=20, temperature=0.07),
+    "calibration": dict(_ZERO_SHOT_FIELDS, logits="zero_shot", n_bins=15),
+    "geometry": {"pairs": (), "k": 10, "max_examples": 2000, "plot": True},
+    "robustness": {"rates": (0.0, 0.1, 0.3, 0.5, 0.7), "n_bins": 15, "seed": 0,
+                   "plot": True},
+}
+
+
+def evaluator_fields(kind: str, where: str = "evaluator_config") -> dict:
+  """The complete field set of evaluator `kind`: the common fields, then its own."""
+  if kind not in EVALUATOR_FIELDS:
+    raise ValueError(f"{where}: unknown evaluator {kind!r}; valid: "
+                     f"{sorted(EVALUATOR_FIELDS)}")
+  return dict(EVALUATOR_COMMON_FIELDS, **EVALUATOR_FIELDS[kind], kind=kind)
+
+
+def evaluator_config(kind: str, **fields) -> ml_collections.ConfigDict:
+  """A complete `config.evals.<name>` entry: common fields, the evaluator's own
+  defaults, then `fields`. Returned locked, so a misspelt field is an error.
+
+  `every` > 0: every that many steps and at the end of the run; -1: every
+  `config.eval_every_steps` steps and at the end; 0: only at the end of the run (and
+  in `--mode=eval`).
+
+  Example: `c.evals.zero_shot = config_lib.evaluator_config('zero_shot', every=0)`.
+  """
+  entry = evaluator_fields(kind)
+  unknown = sorted(set(fields) - set(entry))
+  if unknown:
+    raise ValueError(f"evaluator_config({kind!r}): unknown fields {unknown}; valid: "
+                     f"{sorted(entry)}")
+  entry.update(fields)
+  c = ml_collections.ConfigDict(entry)
+  c.lock()
   return c
 
 

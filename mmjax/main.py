@@ -10,8 +10,8 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from mmjax.evals import eval_mode
 from mmjax.train import distributed
+from mmjax.train import eval_mode
 from mmjax.train import trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file "

@@ -52,8 +52,16 @@ def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
   return x / jnp.sqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True) + eps)
 
 
-def _encoder_overrides(encoder_config) -> dict[str, Any]:
-  return {k: v for k, v in encoder_config.items() if k not in ("kind", "variant")}
+def encoder_fields(encoder_config, where: str = "") -> dict[str, Any]:
+  """The module fields of one `model.encoders.<m>` entry (`kind`, `variant`,
+  overrides): its variant's sizes, then the overrides. Unknown kinds, variants and
+  fields are errors naming them (`where` prefixes the message)."""
+  if "kind" not in encoder_config:
+    raise ValueError(f"{where or 'encoder config'} has no 'kind'; valid kinds: "
+                     f"{sorted(registry.ENCODERS)}")
+  overrides = {k: v for k, v in encoder_config.items() if k not in ("kind", "variant")}
+  return registry.encoder_fields(encoder_config["kind"], encoder_config.get("variant"),
+                                 where=where, **overrides)
 
 
 class MultimodalModel(nn.Module):
@@ -67,8 +75,10 @@ class MultimodalModel(nn.Module):
       Its cap, `config.model.max_logit_scale`, is a clamp applied by the optimizer
       (`mmjax.train.optimizer.clamp_logit_scale`), not here.
     logit_bias_init: initial logit bias (SigLIP: -10), None for no bias.
-    fusion: optional fusion config (`kind` + fields), see `mmjax.fusion`.
-    task: optional task-head config (`num_classes`, `kind`).
+    fusion: optional `mmjax.fusion.FusionWithTaskHead` fields (fusion kind, its
+      fields, the task head's), checked by `build` from `config.model.fusion` and
+      `config.model.task`.
+    task: the task-head config (`num_classes`, `kind`), kept for reference.
     matching: optional `MatchingHead` fields (a dict, may be empty), for
       GRAM's matching objective; needs two modalities or more.
   """
@@ -86,8 +96,8 @@ class MultimodalModel(nn.Module):
     return tuple(sorted(self.encoders))
 
   def setup(self):
-    self.towers = {m: registry.build_encoder(c["kind"], c.get("variant"),
-                                             **_encoder_overrides(c))
+    # `build` has checked every encoder config; here they only become modules.
+    self.towers = {m: registry.ENCODERS[c["kind"]].obj.module(**encoder_fields(c))
                    for m, c in self.encoders.items()}
     self.heads = {m: heads_lib.ProjectionHead(self.embed_dim, kind=self.head)
                   for m in self.encoders}
@@ -98,8 +108,7 @@ class MultimodalModel(nn.Module):
           "logit_bias", nn.initializers.constant(self.logit_bias_init), (), jnp.float32)
     if self.fusion is not None:
       from mmjax import fusion as fusion_lib  # pylint: disable=g-import-not-at-top
-      self.fuse = fusion_lib.build_fusion_from_config(self.fusion, self.task,
-                                                      modalities=self.modalities)
+      self.fuse = fusion_lib.FusionWithTaskHead(**self.fusion)   # checked by `build`
     if self.matching is not None:
       self.matching_head = matching_lib.MatchingHead(**self.matching)
 
@@ -149,20 +158,17 @@ def build(model_config) -> MultimodalModel:
   c = model_config
   encoders = {m: dict(e) for m, e in c.encoders.items()}
   for m, e in encoders.items():
-    if "kind" not in e:
-      raise ValueError(f"model.encoders.{m} has no 'kind'; valid kinds: "
-                       f"{sorted(registry.ENCODERS)}")
-    # Fail at build time, with the field named, rather than inside `init`.
-    registry.build_encoder(e["kind"], e.get("variant"), **_encoder_overrides(e))
+    encoder_fields(e, where=f"model.encoders.{m}")   # fail here, naming the field
   fusion = c.get("fusion")
   task = c.get("task")
   if fusion is not None:
     from mmjax import fusion as fusion_lib  # pylint: disable=g-import-not-at-top
     try:   # an unknown kind or field, or a modality without an encoder, fails here
-      fusion_lib.build_fusion_from_config(dict(fusion), dict(task) if task else None,
-                                          modalities=tuple(sorted(encoders)))
+      fused = fusion_lib.build_fusion_from_config(
+          dict(fusion), dict(task) if task else None, modalities=tuple(sorted(encoders)))
     except ValueError as e:
       raise ValueError(f"model.fusion: {e}") from None
+    fusion = {f: getattr(fused, f) for f in fusion_lib.FusionWithTaskHead.config_fields()}
   matching = c.get("matching")
   if matching is not None:
     if len(encoders) < 2:
@@ -178,6 +184,5 @@ def build(model_config) -> MultimodalModel:
       encoders=encoders, embed_dim=c.embed_dim, head=c.head,
       logit_scale_init=c.logit_scale_init,
       logit_bias_init=c.get("logit_bias_init"),
-      fusion=dict(fusion) if fusion is not None else None,
-      task=dict(task) if task is not None else None,
+      fusion=fusion, task=dict(task) if task is not None else None,
       matching=matching)

@@ -27,10 +27,16 @@ prefix. The registered objectives:
   task      classification cross-entropy of the task head plus the fusion's
             auxiliary losses.
 
-Fields of `config.objective` the objectives read: `kind`, `anchor`,
-`label_smoothing` (clip, pairwise with clip, gram), `pairs`, `pair_kind`,
-`weights`. A field set for an objective that does not use it is not an error
-(configs switch kinds by one field), but a wrong value of a field in use is.
+Each objective registers the fields of `config.objective` it reads, with their
+defaults (`OBJECTIVES[name].fields`); `kind` and `weights` belong to every one.
+A config switches objectives by `objective.kind` alone: `base_config` lists every
+objective's fields at their defaults, and a field left at its default is ignored by
+the objectives that do not read it. A field set to another value than its default
+for an objective that does not read it is an error naming it (a `label_smoothing`
+on 'siglip' would otherwise be silently dropped), and so is a field no objective
+has. `build(config.objective, config.model)` runs every check of the objective's
+config, once, where the config becomes the loss function; the functions below are
+math on a `ModelOutput` and leave the checks of their arguments to `mmjax.align`.
 """
 
 from __future__ import annotations
@@ -39,36 +45,111 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import optax
-
 from mmjax import align
 from mmjax import collectives
+from mmjax import registry as registry_lib
+from mmjax.fusion import heads as heads_lib
 
-OBJECTIVES: dict[str, Callable] = {}
+OBJECTIVES = registry_lib.Registry("objective")
+# Fields of `config.objective` that belong to every objective.
+COMMON_FIELDS = ("kind", "weights")
 
 
-def register(name: str):
+def register(name: str, **fields):
+  """Registers `fn(output, batch, objective_config, *, axis_name)` as objective `name`
+  reading the `config.objective` fields `fields` (name=default)."""
   def wrap(fn):
-    OBJECTIVES[name] = fn
+    OBJECTIVES.register(name, fn, fields)
     return fn
   return wrap
 
 
 def get(name: str) -> Callable:
   """The objective named by `objective.kind`: one registered name or 'a+b+...'."""
+  return _combined(_terms(name)) if "+" in str(name) else OBJECTIVES.lookup(
+      name, "objective.kind").obj
+
+
+def _terms(name: str) -> tuple[str, ...]:
   if not isinstance(name, str) or not name:
     raise ValueError(f"objective.kind must be a registered objective name, got {name!r}; "
                      f"valid: {sorted(OBJECTIVES)}")
-  terms = name.split("+")
+  terms = tuple(name.split("+"))
   for term in terms:
     if term not in OBJECTIVES:
       raise ValueError(f"objective.kind: unknown objective {term!r} in {name!r}; valid: "
                        f"{sorted(OBJECTIVES)}, or several joined by '+'")
   if len(set(terms)) != len(terms):
     raise ValueError(f"objective.kind {name!r} names an objective twice")
-  if len(terms) == 1:
-    return OBJECTIVES[name]
-  return _combined(tuple(terms))
+  return terms
+
+
+def build(objective_config, model_config=None) -> Callable:
+  """The loss of `config.objective`, every field checked here, once.
+
+  Checks the kind, the fields (see the module doc), the weights, the values of the
+  fields in use, and, with `model_config`, what the objectives need of the model: the
+  anchor among its modalities, two modalities for 'clip' and 'siglip', a logit bias
+  for the sigmoid losses, the matching head, a task head.
+  """
+  c = objective_config
+  terms = _terms(c.kind)
+  used = set(COMMON_FIELDS).union(*(OBJECTIVES[t].fields for t in terms))
+  defaults = {}
+  for entry in OBJECTIVES.values():
+    defaults.update(entry.fields)
+  for field in c.keys():
+    if field in used:
+      continue
+    if field not in defaults:
+      raise ValueError(f"objective.{field}: no objective has this field; the fields of "
+                       f"objective.kind {c.kind!r} are {sorted(used)}")
+    if c[field] != defaults[field]:
+      raise ValueError(f"objective.{field}={c[field]!r} is not a field of objective.kind "
+                       f"{c.kind!r}, whose fields are {sorted(used)}; leave it at its "
+                       f"default ({defaults[field]!r}) or pick an objective that reads it")
+  term_weights(c, terms)
+  fields = {k: c.get(k, defaults.get(k)) for k in used}
+  if "label_smoothing" in used and not 0.0 <= fields["label_smoothing"] < 1.0:
+    raise ValueError(f"objective.label_smoothing must be in [0, 1), got "
+                     f"{fields['label_smoothing']}")
+  if "pairs" in used and fields["pairs"] not in ("anchor", "all"):
+    raise ValueError(f"objective.pairs must be 'anchor' or 'all', got {fields['pairs']!r}")
+  if "pair_kind" in used and fields["pair_kind"] not in ("clip", "siglip"):
+    raise ValueError(f"objective.pair_kind must be 'clip' or 'siglip', got "
+                     f"{fields['pair_kind']!r}")
+  if model_config is not None:
+    _check_model(c.kind, terms, fields, model_config)
+  return get(c.kind)
+
+
+def _check_model(kind, terms, fields, model_config) -> None:
+  names = sorted(model_config.encoders.keys())
+  anchor = fields.get("anchor")
+  needs_anchor = {"gram", "matching"} & set(terms) or (
+      "pairwise" in terms and fields.get("pairs") == "anchor")
+  if needs_anchor and anchor is None:
+    raise ValueError(f"objective {kind!r} needs objective.anchor, one of the model's "
+                     f"modalities {names}")
+  if anchor is not None and anchor not in names:
+    raise ValueError(f"objective.anchor {anchor!r} is not among the model's modalities "
+                     f"{names} (model.encoders)")
+  for term in {"clip", "siglip"} & set(terms):
+    if len(names) != 2:
+      raise ValueError(f"objective {term!r} aligns two modalities; the model has {names} "
+                       f"(use objective.kind='pairwise' or 'gram' for more)")
+  sigmoid = "siglip" in terms or ("pairwise" in terms and fields["pair_kind"] == "siglip")
+  if sigmoid and model_config.get("logit_bias_init") is None:
+    raise ValueError(f"objective {kind!r} uses the sigmoid loss, which needs a learned "
+                     "logit bias: set model.logit_bias_init (SigLIP uses -10, with "
+                     "model.logit_scale_init = log 10)")
+  if "matching" in terms and model_config.get("matching") is None:
+    raise ValueError("objective 'matching' needs the model's matching head: set "
+                     "model.matching (e.g. ml_collections.ConfigDict({'width': 64}))")
+  if "task" in terms and (model_config.get("fusion") is None
+                          or model_config.get("task") is None):
+    raise ValueError("objective.kind='task' needs task logits: set model.fusion and "
+                     "model.task (num_classes) in the config")
 
 
 def _combined(terms: tuple[str, ...]) -> Callable:
@@ -110,30 +191,6 @@ def _modalities(output) -> list[str]:
   return sorted(output.embeddings)
 
 
-def _check_anchor(output, objective_config, *, required: bool):
-  """`objective.anchor`, checked against the model's modalities."""
-  anchor = objective_config.get("anchor")
-  names = _modalities(output)
-  if anchor is None:
-    if required:
-      raise ValueError(f"objective {objective_config.kind!r} needs objective.anchor, one "
-                       f"of the model's modalities {names}")
-    return None
-  if anchor not in names:
-    raise ValueError(f"objective.anchor {anchor!r} is not among the model's modalities "
-                     f"{names} (model.encoders)")
-  return anchor
-
-
-def _pair(output, objective_config, term: str):
-  names = _modalities(output)
-  if len(names) != 2:
-    raise ValueError(f"objective {term!r} aligns two modalities; the model has {names} "
-                     f"(use objective.kind='pairwise' or 'gram' for more)")
-  _check_anchor(output, objective_config, required=False)
-  return names
-
-
 def _masks(output, batch):
   """`batch['mask']` restricted to the model's modalities, or None without one."""
   mask = batch.get("mask")
@@ -145,10 +202,10 @@ def _masks(output, batch):
   return {m: mask[m] for m in _modalities(output)}
 
 
-@register("clip")
+@register("clip", label_smoothing=0.0)
 def clip_objective(output, batch, objective_config, *, axis_name=None):
   """Symmetric InfoNCE between the two modalities of the model."""
-  a, b = _pair(output, objective_config, "clip")
+  a, b = _modalities(output)
   loss, metrics = align.clip_loss(
       output.embeddings[a], output.embeddings[b], logit_scale=output.logit_scale,
       label_smoothing=objective_config.label_smoothing, axis_name=axis_name)
@@ -158,35 +215,20 @@ def clip_objective(output, batch, objective_config, *, axis_name=None):
 @register("siglip")
 def siglip_objective(output, batch, objective_config, *, axis_name=None):
   """SigLIP's pairwise sigmoid loss between the two modalities (x, y in sorted order)."""
-  del batch
-  a, b = _pair(output, objective_config, "siglip")
-  if output.logit_bias is None:
-    raise ValueError("objective 'siglip' needs a learned logit bias: set "
-                     "model.logit_bias_init (SigLIP uses -10, with model.logit_scale_init "
-                     "= log 10)")
-  if objective_config.label_smoothing:
-    raise ValueError(f"objective 'siglip' has no label smoothing; objective.label_smoothing "
-                     f"is {objective_config.label_smoothing}")
+  del batch, objective_config
+  a, b = _modalities(output)
   loss, metrics = align.siglip_loss(
       output.embeddings[a], output.embeddings[b], logit_scale=output.logit_scale,
       logit_bias=output.logit_bias, axis_name=axis_name)
   return loss, {f"siglip/{k}": v for k, v in metrics.items()}
 
 
-@register("pairwise")
+@register("pairwise", anchor=None, pairs="anchor", pair_kind="clip", label_smoothing=0.0)
 def pairwise_objective(output, batch, objective_config, *, axis_name=None):
   """Contrastive loss averaged over the anchored or all pairs of modalities."""
   del batch
-  pairs = objective_config.pairs
-  if pairs not in ("anchor", "all"):
-    raise ValueError(f"objective.pairs must be 'anchor' or 'all', got {pairs!r}")
-  anchor = _check_anchor(output, objective_config, required=pairs == "anchor")
-  kind = objective_config.pair_kind
-  if kind not in ("clip", "siglip"):
-    raise ValueError(f"objective.pair_kind must be 'clip' or 'siglip', got {kind!r}")
-  if kind == "siglip" and output.logit_bias is None:
-    raise ValueError("objective.pair_kind 'siglip' needs a learned logit bias: set "
-                     "model.logit_bias_init")
+  pairs, kind = objective_config.pairs, objective_config.pair_kind
+  anchor = objective_config.anchor
   loss, metrics = align.pairwise_loss(
       output.embeddings, anchor=anchor if pairs == "anchor" else None, kind=kind,
       logit_scale=output.logit_scale,
@@ -195,10 +237,10 @@ def pairwise_objective(output, batch, objective_config, *, axis_name=None):
   return loss, {f"pairwise/{k}": v for k, v in metrics.items()}
 
 
-@register("gram")
+@register("gram", anchor=None, label_smoothing=0.0, negatives_gradient=True)
 def gram_objective(output, batch, objective_config, *, axis_name=None):
   """GRAM between `objective.anchor` and the tuples of the other modalities."""
-  anchor = _check_anchor(output, objective_config, required=True)
+  anchor = objective_config.anchor
   loss, metrics = align.gram_loss(
       output.embeddings, anchor=anchor, logit_scale=output.logit_scale,
       label_smoothing=objective_config.label_smoothing, masks=_masks(output, batch),
@@ -210,7 +252,7 @@ def _gather(x, axis_name):
   return x if axis_name is None else collectives.all_gather(x, axis_name)
 
 
-@register("matching")
+@register("matching", anchor=None)
 def matching_objective(output, batch, objective_config, *, axis_name=None):
   """GRAM's volume-guided matching (see `mmjax.align.matching`).
 
@@ -221,10 +263,7 @@ def matching_objective(output, batch, objective_config, *, axis_name=None):
   features (gathered over devices, so gradients reach the device that encoded a
   drawn negative).
   """
-  anchor = _check_anchor(output, objective_config, required=True)
-  if output.matcher is None:
-    raise ValueError("objective 'matching' needs the model's matching head: set "
-                     "model.matching (e.g. ml_collections.ConfigDict({'width': 64}))")
+  anchor = objective_config.anchor
   if output.matcher.rng is None:
     raise ValueError("objective 'matching' draws negatives with the model's 'dropout' rng; "
                      "apply the model with train=True and rngs={'dropout': key}")
@@ -276,22 +315,12 @@ def task_objective(output, batch, objective_config, *, axis_name=None):
   every scalar `stats/...` entry of `aux` (averaged over devices).
   """
   del objective_config
-  if output.logits is None:
-    raise ValueError("objective.kind='task' needs task logits: set model.fusion and "
-                     "model.task (num_classes) in the config")
   if "label" not in batch:
     raise ValueError("objective.kind='task' needs batch['label'], but the data produces "
                      f"only {sorted(k for k in batch if k != 'mask')}; configure a label "
                      "(data.label for the procedural world)")
-  logits, labels = output.logits, batch["label"]
-  if logits.ndim != 2 or labels.shape != logits.shape[:1]:
-    raise ValueError(f"objective 'task': logits must be [B, C] and labels [B]; got logits "
-                     f"{logits.shape}, labels {labels.shape}")
-  if not jnp.issubdtype(labels.dtype, jnp.integer):
-    raise ValueError(f"objective 'task': labels must be integer class ids, got {labels.dtype}")
-  logits = logits.astype(jnp.float32)
-  cross_entropy = global_mean(
-      optax.softmax_cross_entropy_with_integer_labels(logits, labels), axis_name)
+  logits, labels = output.logits.astype(jnp.float32), batch["label"]
+  cross_entropy = global_mean(heads_lib.task_loss(logits, labels), axis_name)
   accuracy = global_mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32), axis_name)
   metrics = {"task/cross_entropy": cross_entropy, "task/accuracy": accuracy}
   loss = cross_entropy
