@@ -73,30 +73,44 @@ def test_degenerate_tuples_have_zero_volume_and_finite_gradients():
   assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
 
 
-def _gram_loss_direct(emb, anchor, scale, eps, masks):
-  """Explicit Gram determinants and log-softmax over the valid samples."""
+def _gram_loss_direct(emb, anchor, scale, eps, masks, negatives_gradient=True):
+  """Explicit Gram determinants and log-softmax over the valid samples.
+
+  negatives_gradient=False: the rows' cross-entropy sees the tuples, the
+  columns' the anchors, through stop_gradient (GRAM's gather without gradient).
+  """
   names = sorted(n for n in emb if n != anchor)
   batch = emb[anchor].shape[0]
   present = {n: np.ones(batch, bool) if masks is None or n not in masks
              else np.asarray(masks[n]) for n in emb}
   valid = [j for j in range(batch)
            if present[anchor][j] and any(present[n][j] for n in names)]
-  anchors = emb[anchor][np.array(valid)]
 
-  def column(j):
-    """Volumes of every valid anchor with tuple j: det of [N, k+1, k+1]."""
-    tuple_j = jnp.stack([emb[n][j] for n in names if present[n][j]])
-    vectors = jnp.concatenate(
-        [anchors[:, None], jnp.broadcast_to(tuple_j, (len(valid),) +
-                                            tuple_j.shape)], axis=1)
-    gram = jnp.einsum("nkd,nld->nkl", vectors, vectors)
-    return jnp.sqrt(jnp.linalg.det(gram))
+  def logits_of(anchor_emb, other_emb):
+    anchors = anchor_emb[np.array(valid)]
 
-  logits = -scale * jnp.stack([column(j) for j in valid], axis=1)
+    def column(j):
+      """Volumes of every valid anchor with tuple j: det of [N, k+1, k+1]."""
+      tuple_j = jnp.stack([other_emb[n][j] for n in names if present[n][j]])
+      vectors = jnp.concatenate(
+          [anchors[:, None], jnp.broadcast_to(tuple_j, (len(valid),) +
+                                              tuple_j.shape)], axis=1)
+      gram = jnp.einsum("nkd,nld->nkl", vectors, vectors)
+      return jnp.sqrt(jnp.linalg.det(gram))
+
+    return -scale * jnp.stack([column(j) for j in valid], axis=1)
+
+  others = {n: emb[n] for n in names}
+  if negatives_gradient:
+    row_logits = column_logits = logits_of(emb[anchor], others)
+  else:
+    sg = jax.lax.stop_gradient
+    row_logits = logits_of(emb[anchor], sg(others))
+    column_logits = logits_of(sg(emb[anchor]), others)
   n = len(valid)
   target = (1.0 - eps) * jnp.eye(n) + eps / n
-  rows = -jnp.sum(target * jax.nn.log_softmax(logits, axis=1)) / n
-  columns = -jnp.sum(target * jax.nn.log_softmax(logits, axis=0)) / n
+  rows = -jnp.sum(target * jax.nn.log_softmax(row_logits, axis=1)) / n
+  columns = -jnp.sum(target * jax.nn.log_softmax(column_logits, axis=0)) / n
   return (rows + columns) / 2
 
 
@@ -137,6 +151,61 @@ def test_gram_loss_matches_direct_formula(masks):
     for n in emb:
       _close(grads[0][n][1], np.zeros(6), atol=0)
       _close(grads[0][n][3], np.zeros(6), atol=0)
+
+
+@pytest.mark.parametrize("masks", [None, _MASKS], ids=["full", "masked"])
+def test_gram_reference_gradient_matches_direct_formula(masks):
+  """negatives_gradient=False: rows reach the anchors, columns the tuples."""
+  emb = _embeddings(27, 7)
+  scale = jnp.float32(4.0)
+
+  def value_and_grad(f):
+    return jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))
+
+  results = {}
+  for exact in (True, False):
+    (loss, metrics), grads = value_and_grad(
+        lambda e, s, exact=exact: align.gram_loss(
+            e, anchor="text", logit_scale=s, label_smoothing=0.1, masks=masks,
+            negatives_gradient=exact))(emb, scale)
+    direct, direct_grads = jax.jit(jax.value_and_grad(
+        lambda e, s, exact=exact: _gram_loss_direct(e, "text", s, 0.1, masks,
+                                                    negatives_gradient=exact),
+        argnums=(0, 1)))(emb, scale)
+    _close(loss, direct, atol=1e-5, rtol=1e-5)
+    _close(grads, direct_grads, atol=1e-4, rtol=1e-4)
+    results[exact] = loss, metrics, grads
+  # Same value and metrics, another gradient (only the scale's is the same:
+  # it gets both terms either way).
+  _close(results[True][:2], results[False][:2])
+  _close(results[True][2][1], results[False][2][1], atol=1e-5)
+  for name in emb:
+    difference = np.max(np.abs(np.asarray(results[True][2][0][name]) -
+                               np.asarray(results[False][2][0][name])))
+    assert difference > 1e-3, name
+
+
+@pytest.mark.parametrize("exact", [True, False], ids=["exact", "reference"])
+def test_gram_gradient_options_on_eight_devices_match_direct_formula(exact, mesh8):
+  emb = _embeddings(28, 16)
+  masks = {"text": jnp.arange(16) % 7 != 3, "audio": jnp.arange(16) % 3 != 0}
+  scale = jnp.float32(3.0)
+
+  def sharded(loss):
+    return jax.jit(jax.value_and_grad(jax.shard_map(
+        lambda e, s, m: loss(e, anchor="text", logit_scale=s, masks=m,
+                             axis_name="data", negatives_gradient=exact)[0],
+        mesh=mesh8, in_specs=(P("data"), P(), P("data")), out_specs=P()),
+        argnums=(0, 1)))
+
+  direct, direct_grads = jax.jit(jax.value_and_grad(
+      lambda e, s: _gram_loss_direct(
+          e, "text", s, 0.1, {k: np.asarray(v) for k, v in masks.items()},
+          negatives_gradient=exact), argnums=(0, 1)))(emb, scale)
+  for loss in (align.gram_loss, align.gram_loss_all_gather):
+    value, grads = sharded(loss)(emb, scale, masks)
+    _close(value, direct)
+    _close(grads, direct_grads, atol=1e-4, rtol=1e-4)
 
 
 def test_gram_accuracy_and_positive_volume_metrics():
@@ -281,6 +350,10 @@ def _gram(embeddings=None, **kwargs):
      r"embeddings\['audio'\] contains NaN"),
     (lambda: _gram(logit_scale=jnp.ones(3)), "logit_scale must be a scalar"),
     (lambda: _gram(label_smoothing=-0.1), "label_smoothing"),
+    (lambda: _gram(negatives_gradient="no"),
+     "negatives_gradient must be a Python bool"),
+    (lambda: _gram(negatives_gradient=jnp.array(False)),
+     "negatives_gradient must be a Python bool"),
 ])
 def test_bad_input_raises(call, match):
   with pytest.raises(ValueError, match=match):

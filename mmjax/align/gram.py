@@ -28,101 +28,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmjax import collectives
+from mmjax.align import _gram_stats
 from mmjax.align import _util
+from mmjax.align._volumes import block_volumes
+from mmjax.align._volumes import orthonormal_tuples
+from mmjax.align._volumes import positive_volumes
 
-
-def _tiny(dtype) -> float:
-  """Squared norms below tiny * reference count as zero (rounding noise)."""
-  return float(16 * jnp.finfo(dtype).eps) ** 2
-
-
-def _safe_sqrt(squared, is_positive):
-  """sqrt(squared) where is_positive, else 0; finite gradient everywhere.
-
-  The inner where keeps sqrt's infinite slope at 0 out of the gradient of the
-  excluded entries (the double-where trick).
-  """
-  root = jnp.sqrt(jnp.where(is_positive, squared, 1.0))
-  return jnp.where(is_positive, root, 0.0)
-
-
-def orthonormal_tuples(others, present=None):
-  """Orthonormal bases and volumes of the tuples (modified Gram-Schmidt).
-
-  Args:
-    others: [K, B, D]; tuple j is (others[0, j], .., others[K-1, j]).
-    present: optional [B, K] bool; False drops others[k, j] from tuple j.
-
-  Returns:
-    basis: [K, B, D]; basis[:, j] holds orthonormal vectors spanning tuple j
-      (a zero vector for a dropped or linearly dependent one);
-    volume: [B] the K'-volume of tuple j (K' its present vectors), i.e.
-      sqrt(det) of their Gram matrix; 0 for a dependent tuple.
-  """
-  num_others, batch, _ = others.shape
-  tiny = _tiny(others.dtype)
-  basis = []
-  volume = jnp.ones((batch,), others.dtype)
-  for k in range(num_others):
-    original = others[k]
-    residual = original
-    for q in basis:
-      residual = residual - jnp.sum(residual * q, axis=1, keepdims=True) * q
-    squared_norm = jnp.sum(residual * residual, axis=1)
-    independent = squared_norm > tiny * jnp.sum(original * original, axis=1)
-    if present is not None:
-      independent = independent & present[:, k]
-    norm = _safe_sqrt(squared_norm, independent)
-    safe_norm = jnp.where(independent, norm, 1.0)
-    basis.append(jnp.where(independent[:, None], residual / safe_norm[:, None],
-                           0.0))
-    # A present but dependent vector has norm 0 and makes the volume 0; an
-    # absent one leaves the volume alone.
-    keeps = True if present is None else present[:, k]
-    volume = volume * jnp.where(keeps, norm, 1.0)
-  return jnp.stack(basis), volume
-
-
-def _distance_to_span(squared_anchor, squared_projection):
-  """sqrt(|a|^2 - |projection of a on the span|^2), safe at 0.
-
-  Args:
-    squared_anchor: |a|^2, broadcastable against squared_projection.
-    squared_projection: sum_k <a, q_k>^2 over an orthonormal basis q.
-
-  Returns:
-    The distance of a from the span; 0 (with a finite gradient) where rounding
-    leaves nothing of |a|^2, e.g. an anchor inside the span.
-  """
-  squared = squared_anchor - squared_projection
-  return _safe_sqrt(squared,
-                    squared > _tiny(squared.dtype) * squared_anchor)
-
-
-def block_volumes(anchor, basis, tuple_volume):
-  """[B1, B2] volumes of every anchor with every tuple, from the tuple bases.
-
-  Args:
-    anchor: [B1, D].
-    basis, tuple_volume: [K, B2, D] and [B2] from `orthonormal_tuples`.
-  """
-  # One [B1, D] x [D, B2] product per basis vector: K contiguous [B1, B2]
-  # blocks fuse into one elementwise pass (faster than one [B1, B2 K] product
-  # reduced over a strided K axis).
-  squared_projection = 0.0
-  for basis_k in basis:
-    projection = anchor @ basis_k.T
-    squared_projection = squared_projection + projection * projection
-  squared_anchor = jnp.sum(anchor * anchor, axis=1)[:, None]
-  return tuple_volume[None, :] * _distance_to_span(squared_anchor,
-                                                   squared_projection)
-
-
-def positive_volumes(anchor, basis, tuple_volume):
-  """[B] volume of anchor[j] with tuple j (the diagonal of block_volumes)."""
-  projection = jnp.einsum("bd,kbd->kb", anchor, basis)
-  return tuple_volume * _distance_to_span(
-      jnp.sum(anchor * anchor, axis=1), jnp.sum(projection * projection, 0))
+__all__ = ["block_volumes", "check_gram_inputs", "gram_loss", "gram_loss_all_gather",
+           "gram_volume", "orthonormal_tuples", "positive_volumes", "presence"]
 
 
 def _check_concrete_mask_rows(name, mask):
@@ -188,156 +101,6 @@ def gram_volume(anchor, others: Sequence[jax.Array], *, mask=None):
   stacked = jnp.stack([o.astype(dtype) for o in others])
   basis, tuple_volume = orthonormal_tuples(stacked, mask)
   return block_volumes(anchor.astype(dtype), basis, tuple_volume)
-
-
-# ---------------------------------------------------------------------------
-# Logit statistics. The loss needs, over the valid samples of the global batch
-# (logits l_ij = -logit_scale * vol(a_i, tuple_j), invalid entries excluded):
-#   row_lse[i]    = logsumexp_j l_ij      (anchor i against all tuples)
-#   column_lse[j] = logsumexp_i l_ij      (tuple j against all anchors)
-#   column_sum[j] = sum_i l_ij            (for label smoothing)
-# plus, for metrics only, the best negative of each row and column.
-# Three ways to get them: dense (one device), all-gather, and a ring.
-# ---------------------------------------------------------------------------
-
-
-def _masked_logits(volumes, logit_scale, valid_rows, valid_columns):
-  valid = valid_rows[:, None] & valid_columns[None, :]
-  return jnp.where(valid, -logit_scale * volumes, _util.MASKED_LOGIT), valid
-
-
-def _best_negative(logits, valid, is_positive, axis):
-  return jnp.max(jnp.where(valid & ~is_positive, jax.lax.stop_gradient(logits),
-                           -jnp.inf), axis=axis)
-
-
-def _dense_stats(anchor, basis, tuple_volume, valid, logit_scale):
-  """Statistics from the full [B, B] logits on one device."""
-  logits, both_valid = _masked_logits(
-      block_volumes(anchor, basis, tuple_volume), logit_scale, valid, valid)
-  is_positive = jnp.eye(anchor.shape[0], dtype=bool)
-  return (jax.nn.logsumexp(logits, axis=1),
-          jax.nn.logsumexp(logits, axis=0),
-          jnp.sum(jnp.where(both_valid, logits, 0.0), axis=0),
-          _best_negative(logits, both_valid, is_positive, axis=1),
-          _best_negative(logits, both_valid, is_positive, axis=0))
-
-
-def _all_gather_stats(anchor, basis, tuple_volume, valid, logit_scale,
-                      axis_name):
-  """Statistics with all anchors and all tuple bases gathered on each device.
-
-  Rows: local anchors x all tuples; columns: all anchors x local tuples. Two
-  [b, B] logit blocks per device.
-  """
-  b = anchor.shape[0]
-  ids = _util.block_ids(jax.lax.axis_index(axis_name), b)
-  global_ids = jnp.arange(b * jax.lax.axis_size(axis_name))
-
-  def gather(v, axis=0):
-    return collectives.all_gather(v, axis_name, axis=axis)
-
-  all_valid = gather(valid)
-  row_logits, row_valid = _masked_logits(
-      block_volumes(anchor, gather(basis, axis=1), gather(tuple_volume)),
-      logit_scale, valid, all_valid)
-  column_logits, column_valid = _masked_logits(
-      block_volumes(gather(anchor), basis, tuple_volume), logit_scale,
-      all_valid, valid)
-  row_positive = ids[:, None] == global_ids[None, :]
-  return (jax.nn.logsumexp(row_logits, axis=1),
-          jax.nn.logsumexp(column_logits, axis=0),
-          jnp.sum(jnp.where(column_valid, column_logits, 0.0), axis=0),
-          _best_negative(row_logits, row_valid, row_positive, axis=1),
-          _best_negative(column_logits, column_valid, row_positive.T, axis=0))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _ring_stats(anchor, basis, tuple_volume, valid, logit_scale, axis_name):
-  """Statistics with anchor blocks going round a ring; tuples stay home.
-
-  At each step a device holds its own tuples, one visiting anchor block and
-  their [b, b] logits. Column statistics of the local tuples accumulate on the
-  device; row statistics of the visiting anchors (running logsumexp, best
-  negative) travel with the anchor block and arrive home after the last step.
-  The backward pass runs a second ring: the gradient of each anchor block
-  travels with it, the gradients of the local bases accumulate at home.
-  """
-  return _ring_stats_fwd(anchor, basis, tuple_volume, valid, logit_scale,
-                         axis_name)[0]
-
-
-def _ring_stats_fwd(anchor, basis, tuple_volume, valid, logit_scale,
-                    axis_name):
-  b = anchor.shape[0]
-  local_ids = _util.block_ids(jax.lax.axis_index(axis_name), b)
-
-  def step(origin, local, visiting, visiting_acc):
-    column_lse, column_sum, column_best = local
-    anchor_visiting, valid_visiting = visiting
-    row_lse, row_best = visiting_acc
-    logits, both_valid = _masked_logits(
-        block_volumes(anchor_visiting, basis, tuple_volume), logit_scale,
-        valid_visiting, valid)
-    is_positive = _util.block_ids(origin, b)[:, None] == local_ids[None, :]
-    column_lse = jnp.logaddexp(column_lse, jax.nn.logsumexp(logits, axis=0))
-    column_sum = column_sum + jnp.sum(jnp.where(both_valid, logits, 0.0), 0)
-    column_best = jnp.maximum(
-        column_best, _best_negative(logits, both_valid, is_positive, axis=0))
-    row_lse = jnp.logaddexp(row_lse, jax.nn.logsumexp(logits, axis=1))
-    row_best = jnp.maximum(
-        row_best, _best_negative(logits, both_valid, is_positive, axis=1))
-    return (column_lse, column_sum, column_best), (row_lse, row_best)
-
-  dtype = anchor.dtype
-  empty_lse = jnp.full((b,), _util.MASKED_LOGIT, dtype)
-  lowest = jnp.full((b,), -jnp.inf, dtype)
-  (column_lse, column_sum, column_best), (row_lse, row_best) = _util.ring_loop(
-      step, axis_name,
-      local=(empty_lse, jnp.zeros((b,), dtype), lowest),
-      visiting=(anchor, valid), visiting_acc=(empty_lse, lowest))
-  outputs = (row_lse, column_lse, column_sum, row_best, column_best)
-  residuals = (anchor, basis, tuple_volume, valid, logit_scale, row_lse,
-               column_lse)
-  return outputs, residuals
-
-
-def _ring_stats_bwd(axis_name, residuals, cotangents):
-  (anchor, basis, tuple_volume, valid, logit_scale, row_lse,
-   column_lse) = residuals
-  # The best-negative statistics are metrics and carry no gradient.
-  row_lse_cotangent, column_lse_cotangent, column_sum_cotangent = cotangents[:3]
-
-  def step(origin, local, visiting, visiting_acc):
-    del origin  # The gradient does not single out positives.
-    d_basis, d_tuple_volume, d_scale = local
-    anchor_visiting, valid_visiting, row_lse_visiting, row_cotangent = visiting
-    (d_anchor_visiting,) = visiting_acc
-    volumes, volumes_vjp = jax.vjp(block_volumes, anchor_visiting, basis,
-                                   tuple_volume)
-    logits, both_valid = _masked_logits(volumes, logit_scale, valid_visiting,
-                                        valid)
-    d_logits = (
-        row_cotangent[:, None] * jnp.exp(logits - row_lse_visiting[:, None]) +
-        column_lse_cotangent[None, :] * jnp.exp(logits - column_lse[None, :]) +
-        column_sum_cotangent[None, :])
-    d_logits = jnp.where(both_valid, d_logits, 0.0)
-    d_scale = d_scale - jnp.sum(d_logits * volumes)
-    d_anchor, d_basis_step, d_tuple_volume_step = volumes_vjp(
-        -logit_scale * d_logits)
-    return ((d_basis + d_basis_step, d_tuple_volume + d_tuple_volume_step,
-             d_scale), (d_anchor_visiting + d_anchor,))
-
-  (d_basis, d_tuple_volume, d_scale), (d_anchor,) = _util.ring_loop(
-      step, axis_name,
-      local=(jnp.zeros_like(basis), jnp.zeros_like(tuple_volume),
-             jnp.zeros_like(logit_scale)),
-      visiting=(anchor, valid, row_lse, row_lse_cotangent),
-      visiting_acc=(jnp.zeros_like(anchor),))
-  return d_anchor, d_basis, d_tuple_volume, None, d_scale
-
-
-_ring_stats.defvjp(_ring_stats_fwd, _ring_stats_bwd)
 
 
 def check_gram_inputs(embeddings, anchor, masks):
@@ -414,10 +177,19 @@ def presence(masks, anchor: str, others: Sequence[str], batch: int):
   return tuple_present, valid
 
 
+def _check_negatives_gradient(negatives_gradient) -> bool:
+  if not isinstance(negatives_gradient, (bool, np.bool_)):
+    raise ValueError(
+        f"negatives_gradient must be a Python bool (True: the exact gradient; "
+        f"False: GRAM's reference gradient), got {type(negatives_gradient)}.")
+  return bool(negatives_gradient)
+
+
 def _gram_loss(embeddings, *, anchor, logit_scale, label_smoothing, masks,
-               axis_name, stats_fn):
+               axis_name, negatives_gradient, stats_fn):
   others = check_gram_inputs(embeddings, anchor, masks)
   label_smoothing = _util.check_label_smoothing(label_smoothing)
+  negatives_gradient = _check_negatives_gradient(negatives_gradient)
   dtype = _util.compute_dtype(*embeddings.values())
   logit_scale = _util.as_scalar("logit_scale", logit_scale, dtype)
   anchor_embedding = embeddings[anchor].astype(dtype)
@@ -429,19 +201,27 @@ def _gram_loss(embeddings, *, anchor, logit_scale, label_smoothing, masks,
       tuple_present)
   positive_volume = positive_volumes(anchor_embedding, basis, tuple_volume)
   positive_logit = -logit_scale * positive_volume
-  row_lse, column_lse, column_sum, row_best, column_best = stats_fn(
-      anchor_embedding, basis, tuple_volume, valid, logit_scale)
+  if negatives_gradient:
+    row_positive = column_positive = positive_logit
+  else:   # each direction's positive as its negatives: one side held constant
+    sg = jax.lax.stop_gradient
+    row_positive = -logit_scale * positive_volumes(anchor_embedding, sg(basis),
+                                                   sg(tuple_volume))
+    column_positive = -logit_scale * positive_volumes(sg(anchor_embedding), basis,
+                                                      tuple_volume)
+  row_lse, row_sum, column_lse, column_sum, row_best, column_best = stats_fn(
+      anchor_embedding, basis, tuple_volume, valid, logit_scale,
+      negatives_gradient=negatives_gradient)
 
   def global_sum(v):
     total = jnp.sum(jnp.where(valid, v, 0.0))
     return total if axis_name is None else collectives.psum(total, axis_name)
 
   num_valid = jnp.maximum(global_sum(jnp.ones((b,), dtype)), 1.0)
-  # Sum over rows and columns of the smoothed cross-entropies; the sum of all
-  # logits, needed by the smoothing of both directions, is sum_j column_sum.
+  # Sum over rows and columns of the smoothed cross-entropies.
   total = global_sum(row_lse + column_lse -
-                     2.0 * (1.0 - label_smoothing) * positive_logit -
-                     2.0 * label_smoothing / num_valid * column_sum)
+                     (1.0 - label_smoothing) * (row_positive + column_positive) -
+                     label_smoothing / num_valid * (row_sum + column_sum))
   loss = total / (2.0 * num_valid)
 
   def fraction(v):
@@ -460,16 +240,9 @@ def _gram_loss(embeddings, *, anchor, logit_scale, label_smoothing, masks,
   return loss, jax.lax.stop_gradient(metrics)
 
 
-def _ring_stats_of_varying(anchor, basis, tuple_volume, valid, logit_scale,
-                           axis_name):
-  """`_ring_stats` on inputs cast to varying (the ring returns per-device
-  values; the cast of replicated inputs transposes to a psum of gradients)."""
-  return _ring_stats(*collectives.vary(
-      (anchor, basis, tuple_volume, valid, logit_scale), axis_name), axis_name)
-
-
 def gram_loss(embeddings: Mapping[str, jax.Array], *, anchor: str,
-              logit_scale, label_smoothing=0.1, masks=None, axis_name=None):
+              logit_scale, label_smoothing=0.1, masks=None, axis_name=None,
+              negatives_gradient=True):
   """GRAM contrastive loss between anchors and tuples of the other modalities.
 
   Logits l_ij = -logit_scale * vol(anchor_i, tuple_j) over the N valid
@@ -483,6 +256,15 @@ def gram_loss(embeddings: Mapping[str, jax.Array], *, anchor: str,
   the anchors, column logsumexps accumulate at home; the backward pass is a
   second ring. Values and gradients equal the single-device result on the
   global batch.
+
+  `negatives_gradient=False` gives GRAM's reference training signal (its code
+  gathers the other devices' features without gradient, `concat_all_gather`,
+  and scores local anchors against gathered tuples for the rows, gathered
+  anchors against local tuples for the columns): CE(anchor -> tuples) is
+  differentiated with respect to the anchors only, CE(tuples -> anchor) with
+  respect to the tuples only, each with the other side held constant
+  (`stop_gradient`), on one device as on many. The loss value is the same;
+  `logit_scale` gets its gradient from both terms.
 
   Args:
     embeddings: modality name -> [b, D] embeddings (b = local batch), all of
@@ -498,6 +280,8 @@ def gram_loss(embeddings: Mapping[str, jax.Array], *, anchor: str,
       present; the others are left out and counted in `valid_fraction`. A
       sample with no modality at all is an error (checked on concrete masks).
     axis_name: mesh axis of the data-parallel batch, or None.
+    negatives_gradient: a Python bool; True (default) the exact gradient,
+      False the reference gradient described above.
 
   Returns:
     (loss, metrics): the global mean loss (scalar); metrics, scalars: `loss`,
@@ -510,27 +294,30 @@ def gram_loss(embeddings: Mapping[str, jax.Array], *, anchor: str,
     ValueError: an anchor not among the embeddings, no other modality (K = 0),
       embeddings of different shapes, masks of the wrong shape or dtype or
       for unknown modalities, a non-scalar logit_scale, label_smoothing
-      outside [0, 1); on concrete inputs also NaN/Inf embeddings and a
-      sample with no modality present.
+      outside [0, 1), a negatives_gradient that is not a bool; on concrete
+      inputs also NaN/Inf embeddings and a sample with no modality present.
   """
-  stats_fn = (_dense_stats if axis_name is None else
-              functools.partial(_ring_stats_of_varying, axis_name=axis_name))
+  stats_fn = (_gram_stats.dense_stats if axis_name is None else
+              functools.partial(_gram_stats.ring_stats, axis_name=axis_name))
   return _gram_loss(embeddings, anchor=anchor, logit_scale=logit_scale,
                     label_smoothing=label_smoothing, masks=masks,
-                    axis_name=axis_name, stats_fn=stats_fn)
+                    axis_name=axis_name, negatives_gradient=negatives_gradient,
+                    stats_fn=stats_fn)
 
 
 def gram_loss_all_gather(embeddings: Mapping[str, jax.Array], *, anchor: str,
                          logit_scale, label_smoothing=0.1, masks=None,
-                         axis_name=None):
+                         axis_name=None, negatives_gradient=True):
   """GRAM loss by all-gathering anchors and tuple bases: the ring's reference.
 
   Same arguments and result as `gram_loss`; each device computes [b, B]
   logits per direction (memory O(b B K + B K D)). Kept for tests and
   benchmarks.
   """
-  stats_fn = (_dense_stats if axis_name is None else
-              functools.partial(_all_gather_stats, axis_name=axis_name))
+  stats_fn = (_gram_stats.dense_stats if axis_name is None else
+              functools.partial(_gram_stats.all_gather_stats,
+                                axis_name=axis_name))
   return _gram_loss(embeddings, anchor=anchor, logit_scale=logit_scale,
                     label_smoothing=label_smoothing, masks=masks,
-                    axis_name=axis_name, stats_fn=stats_fn)
+                    axis_name=axis_name, negatives_gradient=negatives_gradient,
+                    stats_fn=stats_fn)
