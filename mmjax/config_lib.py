@@ -162,6 +162,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.objective.anchor = ml_collections.config_dict.placeholder(str)
   c.objective.pairs = "anchor"      # pairwise: anchor | all
   c.objective.pair_kind = "clip"    # pairwise: clip | siglip
+  # gram: True, the exact gradient; False, GRAM's reference gradient (each device's
+  # negatives gathered without gradient: rows reach the anchors only, columns the
+  # tuples only; docs/alignment.md).
+  c.objective.negatives_gradient = True
   c.objective.weights = ml_collections.ConfigDict()
 
   c.optimizer = ml_collections.ConfigDict()

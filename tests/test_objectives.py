@@ -248,6 +248,28 @@ def test_gram_plus_matching_is_the_weighted_sum_of_direct_losses():
   assert float(loss) == pytest.approx(float(gram) + 0.5 * matching, rel=1e-5)
 
 
+def test_gram_objective_passes_negatives_gradient():
+  out = _trimodal_output(with_matcher=False)
+  assert config_lib.base_config().objective.negatives_gradient is True
+
+  def grads(fn):
+    return jax.jit(jax.grad(lambda e: fn(out.replace(embeddings=e))))(out.embeddings)
+
+  by_config = {}
+  for exact in (True, False):
+    config = _objective_config(kind="gram", anchor="text", label_smoothing=0.1,
+                               negatives_gradient=exact)
+    objective = objectives.build(config)
+    by_config[exact] = grads(lambda o: objective(o, {}, config)[0])
+    direct = grads(lambda o, exact=exact: align.gram_loss(
+        o.embeddings, anchor="text", logit_scale=o.logit_scale, label_smoothing=0.1,
+        negatives_gradient=exact)[0])
+    for m in TRIMODAL:
+      np.testing.assert_allclose(by_config[exact][m], direct[m], rtol=1e-5, atol=1e-6)
+  assert max(float(jnp.max(jnp.abs(by_config[True][m] - by_config[False][m])))
+             for m in TRIMODAL) > 1e-3
+
+
 def test_matching_objective_on_8_devices_equals_1_device(mesh8):
   """Drawn negatives may live on another device: values and feature gradients agree."""
   out = _trimodal_output(b=16)

@@ -244,7 +244,8 @@ def gram_objective(output, batch, objective_config, *, axis_name=None):
   loss, metrics = align.gram_loss(
       output.embeddings, anchor=anchor, logit_scale=output.logit_scale,
       label_smoothing=objective_config.label_smoothing, masks=_masks(output, batch),
-      axis_name=axis_name)
+      axis_name=axis_name,
+      negatives_gradient=objective_config.get("negatives_gradient", True))
   return loss, {f"gram/{k}": v for k, v in metrics.items()}
 
 
