@@ -2,9 +2,16 @@
 
 Any config field can be overridden (`--config.optimizer.lr=3e-4`); a field that does
 not exist is an error naming it.
+
+The run prints its progress lines, evaluations and warnings; the libraries' INFO logs
+(orbax's dozens of lines per checkpoint, jax's backend probing) are off unless one of
+absl's logging flags is given: `--verbosity=0` (or `-v 0`; 1 and up for debug),
+`--logger_levels=orbax:INFO`, `--logtostderr`, `--alsologtostderr`.
 """
 
 from __future__ import annotations
+
+import logging
 
 from absl import app
 from absl import flags
@@ -38,10 +45,26 @@ _DISTRIBUTED_TIMEOUT = flags.DEFINE_integer(
     "coordinator and the other processes.")
 flags.mark_flags_as_required(["config", "workdir"])
 
+# Loggers of the libraries whose INFO lines would drown the run's own output.
+QUIET_LOGGERS = ("absl", "orbax", "jax", "grain", "matplotlib", "tensorflow", "tensorstore")
+# absl's logging flags: any of them on the command line keeps absl's levels as they are.
+LOGGING_FLAGS = ("verbosity", "logger_levels", "logtostderr", "alsologtostderr")
+
+
+def quiet_library_logs(flag_values=flags.FLAGS) -> bool:
+  """Sets `QUIET_LOGGERS` to WARNING unless a flag of `LOGGING_FLAGS` was given
+  (`orbax` logs through the 'absl' logger). Returns whether it did."""
+  if any(flag_values[name].present for name in LOGGING_FLAGS if name in flag_values):
+    return False
+  for name in QUIET_LOGGERS:
+    logging.getLogger(name).setLevel(logging.WARNING)
+  return True
+
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  quiet_library_logs()
   distributed.initialize(distributed.make_plan(
       coordinator_address=_COORDINATOR_ADDRESS.value, num_processes=_NUM_PROCESSES.value,
       process_id=_PROCESS_ID.value, mode=_DISTRIBUTED.value,
