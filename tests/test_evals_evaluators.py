@@ -19,10 +19,13 @@ import ml_collections
 import numpy as np
 import pytest
 
+from mmjax import experiment
 from mmjax import config_lib
 from mmjax.data import pipeline
 from mmjax.data import tokenizer as tokenizer_lib
 from mmjax.data import world as world_lib
+from mmjax.data import world_info
+from mmjax import registry as registry_lib
 from mmjax.evals import calibration as calibration_lib
 from mmjax.evals import classification as classification_lib
 from mmjax.evals import evaluators as ev
@@ -99,14 +102,15 @@ class _FakeModel:
 
 
 def _ctx(config, mesh, workdir, with_task=False, name="x"):
-  return ev.EvalContext(config=config, workdir=str(workdir), mesh=mesh, params=None,
-                        apply_fn=_FakeModel(with_task), featurize=trainer.make_featurize(config),
-                        step=7, name=name)
+  model = _FakeModel(with_task)
+  return experiment.eval_context(config, workdir=str(workdir), mesh=mesh,
+                                 predict=lambda batch: model(None, batch),
+                                 featurize=experiment.make_featurize(config), step=7)
 
 
 def _direct(config, split, n=None):
   """Embeddings, masks and labels of a split computed directly from the world."""
-  featurize = trainer.make_featurize(config)
+  featurize = experiment.make_featurize(config)
   source = pipeline.make_source(config.data, split)
   rows = [featurize((i, source[i])) for i in range(n or len(source))]
   batch = jax.tree.map(lambda *xs: np.stack(xs), *rows)
@@ -117,12 +121,20 @@ def _direct(config, split, n=None):
           np.asarray(out.logits))
 
 
+def _with_evals(config, entries):
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.evals = ml_collections.ConfigDict(entries)
+  return config
+
+
 def _entry(kind, **fields):
-  return ev.evaluator_config(kind, batch_size=16, **fields)
+  return config_lib.evaluator_config(kind, batch_size=16, **fields)
 
 
 def _run(config, mesh, workdir, entries, with_task=False):
-  evaluators = ev.build_evaluators(ml_collections.ConfigDict(entries), 10, config=config)
+  evaluators = ev.build_evaluators(ml_collections.ConfigDict(entries), 10,
+                                   data=pipeline.data_info(config.data),
+                                   modalities=experiment.model_modalities(config))
   ctx = _ctx(config, mesh, workdir, with_task)
   return ev.run_evaluators(ctx, evaluators, force=True), ctx
 
@@ -168,16 +180,16 @@ def test_identical_modalities_have_perfect_retrieval_and_no_gap(mesh8, tmp_path)
   config = _config()
   ctx = _ctx(config, mesh8, tmp_path)
   # Make the image tower equal to the text tower: every metric has a known value.
-  fake = ctx.apply_fn
+  fake = ctx.predict
 
-  def same(params, batch):
-    out = fake(params, batch)
+  def same(batch):
+    out = fake(batch)
     return out.replace(embeddings={"image": out.embeddings["text"],
                                    "text": out.embeddings["text"]})
-  ctx.apply_fn = same
-  evaluators = ev.build_evaluators(ml_collections.ConfigDict(
-      {"retrieval": _entry("retrieval", plot_max_k=0),
-       "geometry": _entry("geometry", k=3, plot=False)}), 10, config=config)
+  ctx.predict = same
+  evaluators = experiment.build_evaluators(_with_evals(config, {
+      "retrieval": _entry("retrieval", plot_max_k=0),
+      "geometry": _entry("geometry", k=3, plot=False)}))
   m = ev.run_evaluators(ctx, evaluators, force=True)
   assert m["eval/retrieval/image->text/R@1"] == 1.0
   assert m["eval/retrieval/text->image/median_rank"] == 1.0
@@ -236,16 +248,16 @@ def test_zero_shot_and_its_calibration(mesh8, tmp_path):
 def test_world_class_names_follow_label_order():
   c = config_lib.world_data()
   c.label.factors = ("shape", "colour")
-  names = ev.world_class_names(c)
   spec = world_lib.WorldSpec.from_config(c)
+  names = world_info.class_names(spec)
   assert len(names) == spec.num_classes == 30
   label = spec.label_of({"shape": 3, "colour": 2})
   assert names[label] == "blue ring"
   c.label.factors = ("position",)
-  assert ev.world_class_names(c)[0] == "shape at the top left"
+  assert world_info.class_names(world_lib.WorldSpec.from_config(c))[0] == (
+      "shape at the top left")
   c.label.mode, c.label.num_classes = "sum_mod", 4
-  with pytest.raises(ValueError, match="class_names"):
-    ev.world_class_names(c)
+  assert world_info.class_names(world_lib.WorldSpec.from_config(c)) is None
 
 
 def test_linear_probe_and_knn(mesh8, tmp_path):
@@ -292,18 +304,20 @@ def test_reports_reach_summary_and_every_schedule(mesh8, tmp_path, monkeypatch):
     calls.append(ctx.step)
     ctx.add_report(f"Report of {ctx.name}", f"| a |\n|---|\n| {c.value} |")
     return {"value": c.value}
-  monkeypatch.setitem(ev.EVALUATORS, "reporter", reporter)
-  monkeypatch.setitem(ev.EVALUATOR_FIELDS, "reporter", {"value": 1.5})
+  ev._import_evaluator_modules()
+  monkeypatch.setitem(ev.EVALUATORS, "reporter", registry_lib.Entry(
+      reporter, dict(config_lib.EVALUATOR_COMMON_FIELDS, kind="reporter", value=1.5)))
   config = _config()
   evaluators = ev.build_evaluators(ml_collections.ConfigDict({
       "every3": {"kind": "reporter", "every": 3},
       "default": {"kind": "reporter", "value": 2.5},        # every: -1 -> 10
-      "final": {"kind": "reporter", "every": 0}}), 10, config=config)
+      "final": {"kind": "reporter", "every": 0}}), 10, data=pipeline.data_info(config.data),
+      modalities=("image", "text"))
   assert {n: e[2] for n, e in evaluators.items()} == {"every3": 3, "default": 10, "final": 0}
   reports = {}
   for step in range(1, 11):
-    ctx = ev.EvalContext(config=config, workdir=str(tmp_path), mesh=mesh8, params=None,
-                         apply_fn=None, featurize=None, step=step, reports=reports)
+    ctx = experiment.eval_context(config, workdir=str(tmp_path), mesh=mesh8, predict=None,
+                                  featurize=None, step=step, reports=reports)
     metrics = ev.run_evaluators(ctx, evaluators, force=step == 10)
   assert calls == [3, 6, 9, 10, 10, 10]
   assert metrics == {"eval/every3/value": 1.5, "eval/default/value": 2.5,
@@ -351,26 +365,26 @@ def test_training_curves_leave_out_single_points_and_per_class(tmp_path):
 
 
 def test_evaluator_config_is_complete_and_locked():
-  c = ev.evaluator_config("knn", every=0, k=5)
+  c = config_lib.evaluator_config("knn", every=0, k=5)
   assert (c.kind, c.every, c.k, c.split, c.train_split) == ("knn", 0, 5, "test", "train")
   with pytest.raises(AttributeError, match="kk"):
     c.kk = 3
   with pytest.raises(ValueError, match=r"unknown fields \['kk'\]"):
-    ev.evaluator_config("knn", kk=3)
+    config_lib.evaluator_config("knn", kk=3)
   with pytest.raises(ValueError, match=r"unknown evaluator 'knnn'; valid: \[.*'knn'"):
-    ev.evaluator_config("knnn")
+    config_lib.evaluator_config("knnn")
 
 
 def test_build_evaluators_bad_input(mesh8):
   config = _config()
 
   def build(**entries):
-    return ev.build_evaluators(ml_collections.ConfigDict(entries), 10, config=config)
+    return experiment.build_evaluators(_with_evals(config, entries))
   with pytest.raises(ValueError, match=r"config.evals.zero_shto: unknown evaluator "
                                        r"'zero_shto'; valid: \['calibration', .*'zero_shot'"):
     build(zero_shto={"split": "test"})
-  with pytest.raises(ValueError, match=r"unknown fields \['templtes'\] for evaluator "
-                                       r"'zero_shot'"):
+  with pytest.raises(ValueError, match=r"unknown field\(s\) \['templtes'\] for "
+                                       r"evaluator 'zero_shot'"):
     build(zs={"kind": "zero_shot", "templtes": ("a {}",)})
   with pytest.raises(ValueError, match=r"config.evals.r.split: the data \(world\) has no "
                                        r"split 'val'; it has \['test', 'train', 'validation'\]"):
@@ -386,7 +400,7 @@ def test_build_evaluators_bad_input(mesh8):
     build(knn={"modalities": ("audio",)})
   with pytest.raises(ValueError, match=r"--evals: no evaluator named \['knn'\] in "
                                        r"config.evals; configured: \['retrieval'\]"):
-    ev.build_evaluators(config.evals, 10, config=config, only=["knn"])
+    experiment.build_evaluators(config, only=["knn"])
   # A split the data lacks, also when the evaluator is called directly.
   ctx = _ctx(config, mesh8, "/nonexistent")
   with pytest.raises(ValueError, match="evaluation split 'dev'"):

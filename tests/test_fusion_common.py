@@ -114,9 +114,9 @@ def test_modality_dropout_restores_uniformly_among_present():
 def test_build_fusion_rejects_unknown_kind_and_fields():
   with pytest.raises(ValueError, match="unknown fusion kind 'sum'"):
     fusion.build_fusion("sum")
-  with pytest.raises(ValueError, match=r"has no config field\(s\) \['num_expert'\]"):
+  with pytest.raises(ValueError, match=r"unknown field\(s\) \['num_expert'\]"):
     fusion.build_fusion("moe", num_expert=4)
-  with pytest.raises(ValueError, match=r"'late' needs config field\(s\) \['num_classes'\]"):
+  with pytest.raises(ValueError, match=r"'late' needs field\(s\) \['num_classes'\]"):
     fusion.build_fusion("late")
   assert fusion.build_fusion(**{"kind": "moe", "num_experts": 3}).num_experts == 3
   module = fusion.build_fusion("attention", modalities=["b", "a"])
@@ -214,7 +214,7 @@ def test_build_fusion_from_config_projects_and_adds_task_head():
   assert no_task.apply({}, same, mask)[1] is None
   with pytest.raises(ValueError, match="needs a 'kind'"):
     fusion.build_fusion_from_config({"width": 8})
-  with pytest.raises(ValueError, match=r"no config field\(s\) \['experts'\]"):
+  with pytest.raises(ValueError, match=r"unknown field\(s\) \['experts'\]"):
     fusion.build_fusion_from_config({"kind": "moe", "experts": 2})
   with pytest.raises(ValueError, match=r"task config has no field\(s\) \['classes'\]"):
     fusion.build_fusion_from_config({"kind": "mean"}, {"classes": 2})

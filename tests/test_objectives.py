@@ -16,9 +16,11 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from mmjax import experiment
+from mmjax.data.info import DataInfo
 from mmjax import align, config_lib, models
 from mmjax.data import pipeline
-from mmjax.evals import joint_retrieval
+from mmjax.evals.evaluators import joint_retrieval
 from mmjax.models import matching as matching_lib
 from mmjax.train import checkpoint as ckpt_lib
 from mmjax.train import logging as log_lib
@@ -324,16 +326,18 @@ def test_siglip_and_pairwise_equal_direct_calls():
 
 
 BAD_OBJECTIVES = [
-    # (output, objective fields, expected error)
+    # (model, objective fields, expected error)
     ("trimodal", dict(kind="clip"), "'clip' aligns two modalities; the model has "
                                     r"\['audio', 'image', 'text'\]"),
     ("trimodal", dict(kind="siglip"), "'siglip' aligns two modalities"),
     ("pair", dict(kind="siglip"), "needs a learned logit bias: set model.logit_bias_init"),
-    ("pair_bias", dict(kind="siglip", label_smoothing=0.1), "has no label smoothing"),
+    ("pair_bias", dict(kind="siglip", label_smoothing=0.1),
+     r"objective.label_smoothing=0.1 is not a field of objective.kind 'siglip'"),
     ("trimodal", dict(kind="gram"), "'gram' needs objective.anchor"),
     ("trimodal", dict(kind="gram", anchor="video"),
      r"objective.anchor 'video' is not among the model's modalities"),
-    ("pair", dict(kind="clip", anchor="audio"), "objective.anchor 'audio' is not among"),
+    ("pair", dict(kind="clip", anchor="audio"),
+     "objective.anchor='audio' is not a field of objective.kind 'clip'"),
     ("trimodal", dict(kind="pairwise"), "'pairwise' needs objective.anchor"),
     ("trimodal", dict(kind="pairwise", anchor="text", pairs="some"),
      "objective.pairs must be 'anchor' or 'all'"),
@@ -348,18 +352,45 @@ BAD_OBJECTIVES = [
     ("trimodal", dict(kind="gram+matching", anchor="text",
                       weights=ml_collections.ConfigDict({"gram": -1.0})),
      "objective.weights.gram must be a number >= 0"),
+    ("pair", dict(kind="clip", label_smoothing=1.5), r"label_smoothing must be in \[0, 1\)"),
+    ("trimodal", dict(kind="pairwise", anchor="text", pair_kind="siglip"),
+     "uses the sigmoid loss, which needs a learned logit bias"),
+    ("pair", dict(kind="task"), "needs task logits: set model.fusion and model.task"),
 ]
+
+
+def _model_config(which):
+  c = config_lib.base_config().model
+  if which.startswith("trimodal"):
+    c.encoders.audio = config_lib.encoder("audio", "mu")
+  if which == "trimodal":
+    c.matching = ml_collections.ConfigDict({"width": 8})
+  if which == "pair_bias":
+    c.logit_bias_init = -10.0
+  return c
 
 
 @pytest.mark.parametrize("which, fields, error", BAD_OBJECTIVES)
 def test_bad_objective_config_is_a_clear_error(which, fields, error):
-  out = {"trimodal": lambda: _trimodal_output(),
-         "trimodal_plain": lambda: _trimodal_output(with_matcher=False),
-         "pair": _pair_output,
-         "pair_bias": lambda: _pair_output(logit_bias=jnp.float32(-10.0))}[which]()
-  config = _objective_config(**fields)
   with pytest.raises(ValueError, match=error):
-    objectives.get(config.kind)(out, {}, config)
+    objectives.build(_objective_config(**fields), _model_config(which))
+
+
+def test_an_unknown_objective_field_is_an_error():
+  config = ml_collections.ConfigDict({"kind": "clip", "weights": {}, "temperature": 0.07})
+  with pytest.raises(ValueError, match=r"objective.temperature: no objective has this field"):
+    objectives.build(config)
+  # A field at its default is ignored by the objectives that do not read it, so a config
+  # switches objectives by `kind` alone.
+  config = _objective_config(kind="siglip")
+  assert objectives.build(config) is objectives.OBJECTIVES["siglip"].obj
+
+
+def test_base_config_lists_every_objective_field_at_its_default():
+  c = config_lib.base_config().objective
+  for name, entry in objectives.OBJECTIVES.items():
+    for field, default in entry.fields.items():
+      assert c[field] == default, (name, field)
 
 
 def test_unknown_objective_names_are_errors(mesh8):
@@ -372,7 +403,7 @@ def test_unknown_objective_names_are_errors(mesh8):
   config = _tiny_config()
   config.objective.kind = "grm"
   with pytest.raises(ValueError, match="objective.kind: unknown objective 'grm'"):
-    trainer.check_config(config, mesh8)
+    objectives.build(config.objective, config.model)
 
 
 def test_matching_head_config_errors():
@@ -429,14 +460,14 @@ def _tiny_config(modalities=TRIMODAL):
 def _restore_step(config, workdir, step):
   """The params saved at `step` and the batch the next step trained on (host numpy)."""
   mesh = mesh_lib.make_mesh(config.mesh)
-  featurize = trainer.make_featurize(config)
+  featurize = experiment.make_featurize(config)
   source = pipeline.make_source(config.data, "train")
   data_iter = iter(pipeline.train_dataset(source, featurize, seed=config.seed,
                                           global_batch_size=config.batch_size,
                                           num_threads=1))
   model = models.build(config.model)
   tx = opt_lib.make_optimizer(config.optimizer, config.total_steps)
-  sample = trainer.sample_batch(source, featurize)
+  sample = experiment.sample_batch(source, featurize)
   # The restore target from shapes alone (no init to compile), replicated as saved.
   shapes = jax.eval_shape(lambda: step_lib.TrainState.create(
       apply_fn=model.apply, tx=tx,
@@ -559,8 +590,8 @@ def test_trimodal_configs_share_model_data_and_budget(arg, mesh8):
   for field in ("model", "data", "optimizer", "evals", "total_steps", "batch_size"):
     assert plain(gram[field]) == plain(pairwise[field]), field
   for c in (gram, pairwise):
-    trainer.check_config(c, mesh8)
-    objectives.get(c.objective.kind)
+    experiment.check_config(c, mesh8)
+    objectives.build(c.objective, c.model)
     models.build(c.model)
   with pytest.raises(ValueError, match=r"unknown config variant\(s\) \['fast'\]"):
     _load_config("gram_trimodal", "fast")
@@ -575,22 +606,21 @@ def test_joint_retrieval_spec_and_score_choice():
     joint_retrieval.parse_joint("text:image", TRIMODAL)
   with pytest.raises(ValueError, match="must be distinct"):
     joint_retrieval.parse_joint("text->text+audio", TRIMODAL)
-  c = _tiny_config()
-  c.objective.anchor = "text"
-  assert joint_retrieval.default_joint(c, TRIMODAL) == ("text->audio+image",)
-  c.objective.kind = "gram+matching"
-  assert joint_retrieval.resolve_score("auto", c) == "volume"
-  c.objective.kind = "pairwise"
-  assert joint_retrieval.resolve_score("auto", c) == "sum_cosine"
+  assert joint_retrieval.default_joint("text", TRIMODAL) == ("text->audio+image",)
+  assert len(joint_retrieval.default_joint(None, TRIMODAL)) == 3
+  assert joint_retrieval.resolve_score("auto", "gram+matching") == "volume"
+  assert joint_retrieval.resolve_score("auto", "pairwise") == "sum_cosine"
   with pytest.raises(ValueError, match="score must be 'auto' or one of"):
-    joint_retrieval.resolve_score("cosine", c)
+    joint_retrieval.resolve_score("cosine", "gram")
 
 
 class _StubContext:
   """What the retrieval evaluators read from an `EvalContext`, with fixed outputs."""
 
-  def __init__(self, config, outputs):
-    self.config, self._outputs = config, outputs
+  def __init__(self, objective, outputs):
+    self.objective, self.anchor, self._outputs = objective, "text", outputs
+    self.modalities = tuple(sorted(outputs["embeddings"]))
+    self.data = DataInfo(name="stub")
     self.mesh, self.name, self.step, self.writes_files = None, "retrieval", 0, False
 
   def outputs(self, split, batch_size):
@@ -616,12 +646,10 @@ def test_joint_retrieval_evaluator_equals_direct_ranks(score):
   mask["audio"][[3, 17]] = False          # left out of the joint query
   keep = np.flatnonzero(mask["audio"])
   outputs = {"embeddings": emb, "mask": mask, "factors": None}
-  config = _tiny_config()
-  config.objective.kind = "gram"
-  eval_config = ml_collections.ConfigDict(dict(
-      joint_retrieval.FIELDS, kind="joint_retrieval", split="test", batch_size=8,
-      every=-1, joint=("text->image+audio",), score=score, plot_max_k=0))
-  metrics = joint_retrieval.joint_retrieval(_StubContext(config, outputs), eval_config)
+  eval_config = config_lib.evaluator_config(
+      "joint_retrieval", batch_size=8, joint=("text->image+audio",), score=score,
+      plot_max_k=0)
+  metrics = joint_retrieval.joint_retrieval(_StubContext("gram", outputs), eval_config)
   t, i, a = (emb[m][keep] for m in ("text", "image", "audio"))
   if score == "volume":
     scores = -np.array([[_volume_direct([t[q], i[j], a[j]]) for j in range(len(keep))]
@@ -635,14 +663,16 @@ def test_joint_retrieval_evaluator_equals_direct_ranks(score):
 
 def test_joint_ceiling_uses_the_factors_the_targets_express_together():
   from mmjax.data import world as world_lib  # pylint: disable=g-import-not-at-top
+  from mmjax.data.world_info import data_info as pipeline_data_info  # pylint: disable=g-import-not-at-top
   spec = world_lib.WorldSpec(expresses={"text": world_lib.FACTOR_NAMES,
                                         "image": ("shape", "position"),
                                         "audio": ("colour",)})
   source = world_lib.World(spec, "test")
   factors = np.stack([source.factors(i) for i in range(200)])
-  assert joint_retrieval.joint_ceiling(spec, "text", ("image", "audio"), factors) == (
+  ceiling = pipeline_data_info(spec).retrieval_ceiling
+  assert ceiling("text", ("image", "audio"), factors) == (
       world_lib.oracle_recall_at_1(factors, ("shape", "colour", "position")))
-  assert joint_retrieval.joint_ceiling(spec, "text", ("image", "audio"), factors) > (
+  assert ceiling("text", ("image", "audio"), factors) > (
       world_lib.oracle_recall_at_1(factors, ("shape", "position")))
 
 
@@ -652,5 +682,5 @@ def test_siglip_config_is_the_default_with_sigmoid_loss(mesh8):
   assert siglip.model.logit_bias_init == align.SIGLIP_INIT_LOGIT_BIAS
   assert siglip.model.logit_scale_init == pytest.approx(math.log(10.0))
   assert siglip.model.encoders.to_dict() == default.model.encoders.to_dict()
-  trainer.check_config(siglip, mesh8)
+  experiment.check_config(siglip, mesh8)
   models.build(siglip.model)
