@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 
+import ml_collections
 import numpy as np
 import PIL.Image
 import pytest
@@ -12,6 +13,7 @@ import tensorflow_datasets as tfds
 
 from mmjax import config_lib
 from mmjax.data import pipeline
+from mmjax import experiment
 from mmjax.train import trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -203,9 +205,13 @@ def test_bad_input_is_named(data_dir, tmp_path):
   with pytest.raises(ValueError, match=r"modality 'text' needs one string"):
     pipeline.make_source(config_lib.tfds_data(NAME, {"text": "image"}, data_dir=data_dir),
                          "train")
-  with pytest.raises(ValueError, match=r"can only be modality 'text'"):
-    pipeline.make_source(config_lib.tfds_data(NAME, {"caption": "meta/caption"},
-                                              data_dir=data_dir), "train")
+  # Strings may feed any modality, but only a text encoder reads them.
+  strings = pipeline.make_source(config_lib.tfds_data(NAME, {"caption": "meta/caption"},
+                                                      data_dir=data_dir), "train")
+  featurize = pipeline.Featurize(("caption",), 56, text_modalities=())
+  with pytest.raises(ValueError, match=r"strings for modality 'caption', but its encoder "
+                                       r"does not read text"):
+    featurize((0, strings[0]))
   with pytest.raises(ValueError, match=r"modality 'image' needs \[H, W, C\]"):
     pipeline.make_source(config_lib.tfds_data(NAME, {"image": "meta/pcm"}, data_dir=data_dir),
                          "train")
@@ -218,3 +224,78 @@ def test_bad_input_is_named(data_dir, tmp_path):
                          "train")
   with pytest.raises(AttributeError, match="image_sise"):
     _data_config(data_dir, image_sise=8)   # a typo in a locked config is an error
+
+
+def _eval_config(data_dir, tmp_path, **data):
+  """The tiny config on the TFDS dataset, its text modality named 'caption'."""
+  config = config_lib.load_config(os.path.join(REPO, "tests", "configs", "tiny.py"))
+  config.data = config_lib.tfds_data(
+      NAME, {"image": "image", "caption": "meta/caption"}, data_dir=data_dir,
+      label_feature="label", splits={"train": "train", "test": "test"}, text_max_len=56,
+      num_threads=1, **data)
+  config.model.encoders = {"image": config.model.encoders.image,
+                           "caption": config.model.encoders.text}
+  config.total_steps = config.checkpoint_every_steps = config.eval_every_steps = 2
+  return config
+
+
+def test_every_evaluator_runs_on_a_tfds_dataset_with_any_text_modality(data_dir, tmp_path):
+  config = _eval_config(data_dir, tmp_path,
+                        class_names=("red", "green", "blue", "cyan", "grey"),
+                        prompt_templates=("a {} thing",))
+  entry = lambda kind, **f: config_lib.evaluator_config(kind, batch_size=16, **f)
+  config.evals = {
+      "retrieval": entry("retrieval"),
+      "zero_shot": entry("zero_shot", text_modality="caption"),
+      "linear_probe": entry("linear_probe", val_split="test", steps=20),
+      "knn": entry("knn", k=3),
+      "calibration": entry("calibration", text_modality="caption"),
+      "geometry": entry("geometry", k=3),
+  }
+  # 'caption' is read as text because its encoder's kind is 'text', not by its name.
+  featurize = experiment.make_featurize(config)
+  row = featurize((0, pipeline.make_source(config.data, "test")[0]))
+  assert row["caption"].dtype == np.int32 and row["caption"].shape == (56,)
+  metrics = trainer.train_and_evaluate(config, str(tmp_path))
+  for key in ("retrieval/image->caption/R@1", "zero_shot/accuracy",
+              "linear_probe/image/accuracy", "knn/caption/accuracy", "calibration/ece",
+              "geometry/caption-image/modality_gap"):
+    assert np.isfinite(metrics[f"eval/{key}"]), key
+  assert metrics["eval/zero_shot/chance"] == pytest.approx(1 / 5)
+  assert metrics["eval/linear_probe/chance"] == pytest.approx(1 / 5)   # the ClassLabel's
+  # A recorded dataset knows no oracle ceiling.
+  assert not any(k.endswith("_ceiling") for k in metrics)
+
+
+def test_robustness_runs_on_a_tfds_dataset(data_dir, tmp_path):
+  config = _eval_config(data_dir, tmp_path)
+  config.model.fusion = ml_collections.ConfigDict({"kind": "concat", "width": 32})
+  config.model.task = ml_collections.ConfigDict({"num_classes": 5})
+  config.objective.kind = "task"
+  config.evals = {"robustness": config_lib.evaluator_config(
+      "robustness", batch_size=16, rates=(0.0, 0.5), plot=False)}
+  metrics = trainer.train_and_evaluate(config, str(tmp_path))
+  for key in ("caption/accuracy", "image/accuracy", "caption+image/accuracy",
+              "missing_0.5/accuracy", "missing_0/ece"):
+    assert 0.0 <= metrics[f"eval/robustness/{key}"] <= 1.0, key
+  labels = [pipeline.make_source(config.data, "test")[i]["label"] for i in range(16)]
+  assert metrics["eval/robustness/chance"] == pytest.approx(
+      np.max(np.bincount(labels)) / len(labels))       # the split's majority class
+
+
+def test_evaluators_say_what_the_source_lacks(data_dir, tmp_path):
+  config = _eval_config(data_dir, tmp_path)
+  info = pipeline.data_info(config.data)
+  assert (info.name, info.num_classes, info.class_names) == (f"tfds:{NAME}", 5, None)
+  config.evals = {"zero_shot": config_lib.evaluator_config("zero_shot",
+                                                           text_modality="caption")}
+  with pytest.raises(ValueError, match=r"config.evals.zero_shot: evaluator 'zero_shot' "
+                                       r"needs class names, but the data source "
+                                       rf"tfds:{NAME} has none"):
+    experiment.build_evaluators(config)
+  config.evals = {"calibration": config_lib.evaluator_config("calibration",
+                                                             text_modality="caption")}
+  with pytest.raises(ValueError, match="evaluator 'calibration' needs class names"):
+    experiment.build_evaluators(config)
+  config.evals.calibration.logits = "task"      # the task head's logits need no names
+  assert "calibration" in experiment.build_evaluators(config)

@@ -14,15 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmjax import collectives
+from mmjax.array_util import is_concrete  # noqa: F401  (used here and in gram)
 
 # Stands for an excluded logit. Finite, so that logsumexp over a fully excluded
 # row and its softmax stay free of inf - inf = NaN.
 MASKED_LOGIT = -1e30
-
-
-def is_concrete(x) -> bool:
-  """Whether `x` holds values (not an abstract tracer under jit/grad/vmap)."""
-  return not isinstance(x, jax.core.Tracer)
 
 
 def compute_dtype(*arrays) -> jnp.dtype:

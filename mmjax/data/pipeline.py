@@ -94,7 +94,10 @@ class Featurize:
       if m not in record:
         raise KeyError(f"the source produced no {m!r}; it has {sorted(record)}")
       value = record[m]
-      if m in self.text_modalities and isinstance(value, (str, bytes)):
+      if isinstance(value, (str, bytes)):
+        if m not in self.text_modalities:
+          raise ValueError(f"the source gives strings for modality {m!r}, but its encoder "
+                           "does not read text: give it an encoder of kind 'text'")
         value = self.tokenizer.encode(value if isinstance(value, str) else value.decode())
       example[m] = np.asarray(value)
     example["mask"] = {m: np.bool_(True) for m in self.modalities}
@@ -177,14 +180,80 @@ def group_keys(source, share: Sequence[str]) -> Callable[[], np.ndarray]:
   return compute
 
 
+class WarmupIndices:
+  """Random access to a stream whose first `length` positions read `order` (cycled,
+  unshuffled) and whose later positions p read `base[p - length]`.
+
+  For a warm-up on a fixed ordering of the training set (Flex-MoE: most observed
+  modalities first) before the usual stream. A pure function of the position, as
+  `base` is, so process sharding and checkpointing the iterator work unchanged.
+  `order` is an int array of source indices or a function returning one, called on
+  first access (grain's prefetch threads compute it while the train step compiles).
+  """
+
+  def __init__(self, order, length: int, base):
+    self._order_fn = order if callable(order) else (lambda: order)
+    self._order = None
+    self._lock = threading.Lock()
+    self._length = int(length)
+    self._base = base
+
+  def _get_order(self) -> np.ndarray:
+    with self._lock:
+      if self._order is None:
+        order = np.asarray(self._order_fn())
+        if order.ndim != 1 or not len(order):
+          raise ValueError(f"the warm-up order must be a non-empty 1-D array of source "
+                           f"indices, got shape {order.shape}")
+        self._order = order
+    return self._order
+
+  def __len__(self) -> int:
+    return np.iinfo(np.int64).max // 2
+
+  def __getitem__(self, position: int) -> int:
+    position = int(position)
+    if position < self._length:
+      order = self._get_order()
+      return int(order[position % len(order)])
+    return int(self._base[position - self._length])
+
+
+def modality_count_order(source, missingness: missing_lib.Missingness | None
+                         ) -> Callable[[], np.ndarray]:
+  """A function computing the source indices sorted by number of present modalities
+  (as `missingness` masks them), most first; stable, so ties keep index order.
+
+  Only the masks are computed (seeded by example index), not the examples, except for
+  'mnar' missingness, which needs each example's label or factors.
+  """
+
+  def compute() -> np.ndarray:
+    if missingness is None:
+      return np.arange(len(source))
+    needs_example = missingness.kind == "mnar"
+    counts = np.array([
+        sum(missingness.present(i, source[i] if needs_example else {}).values())
+        for i in range(len(source))])
+    return np.argsort(-counts, kind="stable")
+
+  return compute
+
+
 def train_dataset(source, featurize: Callable, *, seed: int, global_batch_size: int,
                   process_index: int | None = None, process_count: int | None = None,
                   num_threads: int = 2, prefetch: int = 4,
-                  group_size: int = 0, group_share: Sequence[str] = ()) -> grain.IterDataset:
+                  group_size: int = 0, group_share: Sequence[str] = (),
+                  warmup_steps: int = 0, warmup_order=None) -> grain.IterDataset:
   """Shuffled, repeated, process-sharded batches of the local size `global / processes`.
 
   With `group_size` > 0, batches are made of groups of that many examples sharing the
   world factors `group_share` (`GroupedIndices`) instead of a shuffle.
+
+  With `warmup_steps` > 0, the first `warmup_steps` global batches are read from
+  `warmup_order` (source indices, or a function returning them, e.g.
+  `modality_count_order`) in that order, cycling through it if the warm-up is longer
+  than the set; the shuffled (or grouped) stream then starts from its beginning.
   """
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
@@ -192,6 +261,11 @@ def train_dataset(source, featurize: Callable, *, seed: int, global_batch_size: 
     raise ValueError(f"batch_size {global_batch_size} is not divisible by the number of "
                      f"processes {process_count}")
   local = global_batch_size // process_count
+  if warmup_steps < 0 or int(warmup_steps) != warmup_steps:
+    raise ValueError(f"warmup_steps must be a whole number >= 0, got {warmup_steps!r}")
+  if warmup_steps and warmup_order is None:
+    raise ValueError("warmup_steps > 0 needs a warmup_order (source indices, or a "
+                     "function returning them)")
   if group_size:
     if local % group_size:
       raise ValueError(f"data.group_batches.size {group_size} must divide the per-process "
@@ -200,6 +274,9 @@ def train_dataset(source, featurize: Callable, *, seed: int, global_batch_size: 
         GroupedIndices(group_keys(source, group_share), group_size, seed))
   else:
     ds = grain.MapDataset.range(len(source)).seed(seed).shuffle().repeat()
+  if warmup_steps:
+    ds = grain.MapDataset.source(
+        WarmupIndices(warmup_order, int(warmup_steps) * global_batch_size, ds))
   ds = ds.map(lambda i: (int(i), source[int(i)])).map(featurize)
   ds = ds.batch(local, drop_remainder=True)[process_index::process_count]
   return ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,

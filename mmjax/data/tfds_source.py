@@ -202,6 +202,8 @@ class TfdsSource:
       self.num_classes = getattr(label, "num_classes", None)
 
     self._parts = {m: p.split("/") for m, p in self.features.items()}
+    self._strings = {m for m, p in self.features.items()
+                     if np.dtype(paths[p].np_dtype).kind in "OSU"}
     self._label_parts = self.label_feature.split("/") if self.label_feature else None
     self._data_source = builder.as_data_source(split=tfds_split)
     self._len = len(self._data_source)
@@ -213,14 +215,14 @@ class TfdsSource:
     shape = tuple(feature.shape) if isinstance(feature.shape, tuple) else None
     kind = type(feature).__name__
     is_string = dtype is not None and dtype.kind in "OSU"
-    if modality == "text":
+    if modality == "text" or is_string:
+      # Any modality may be text ('caption', 'transcript'): the pipeline tokenises the
+      # strings of the modalities whose encoder kind is 'text'.
       if not is_string or shape != ():
-        raise ValueError(f"{where}: modality 'text' needs one string per example (a TFDS "
-                         f"Text feature), but it is {kind} of shape {shape} and dtype {dtype}")
+        raise ValueError(f"{where}: modality {modality!r} needs one string per example (a "
+                         f"TFDS Text feature), but it is {kind} of shape {shape} and dtype "
+                         f"{dtype}")
       return
-    if is_string:
-      raise ValueError(f"{where}: a string feature ({kind}) can only be modality 'text', "
-                       f"which the pipeline tokenises; it is mapped to {modality!r}")
     if dtype is None or shape is None:
       raise ValueError(f"{where}: {kind} is not one array; map a leaf feature (its "
                        "fields are separate paths)")
@@ -270,7 +272,7 @@ class TfdsSource:
     return record
 
   def _convert(self, modality: str, value):
-    if modality == "text":
+    if modality in self._strings:
       value = value.item() if isinstance(value, np.ndarray) else value
       return value.decode("utf-8") if isinstance(value, bytes) else str(value)
     array = np.asarray(value)

@@ -26,12 +26,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mmjax.array_util import is_concrete, masked_mean  # noqa: F401  (re-exported)
+
 Array = jax.Array
-
-
-def is_concrete(x) -> bool:
-  """True when `x` holds known values (not an abstract tracer under jit)."""
-  return not isinstance(x, jax.core.Tracer)
 
 
 def modality_names(features: Mapping[str, Array], mask: Mapping[str, Array],
@@ -170,17 +167,6 @@ def stack_modalities(features: Mapping[str, Array], mask: Mapping[str, Array],
   x = jnp.stack([jnp.asarray(features[name]) for name in names], axis=1)
   x = jnp.where(present[..., None], x, jnp.zeros((), x.dtype))
   return names, x, present
-
-
-def masked_mean(x: Array, present: Array) -> Array:
-  """Mean of `x` [B, M, ...] over the present entries of axis 1.
-
-  Rows with nothing present give zeros (not NaN).
-  """
-  weights = present.astype(x.dtype).reshape(present.shape + (1,) * (x.ndim - 2))
-  total = jnp.sum(jnp.where(weights > 0, x, 0), axis=1)
-  count = jnp.maximum(jnp.sum(weights, axis=1), 1)
-  return total / count
 
 
 def combination_index(mask: Mapping[str, Array] | Array) -> Array:

@@ -20,16 +20,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mmjax.array_util import is_concrete, masked_mean  # noqa: F401  (re-exported)
+
 Dtype = Any
 
 # Weight initialisers used by every block (the ViT/big_vision convention).
 DENSE_INIT = nn.initializers.xavier_uniform()
 BIAS_INIT = nn.initializers.normal(stddev=1e-6)
-
-
-def is_concrete(x) -> bool:
-  """True when `x` holds values (not a tracer inside jit/grad/vmap)."""
-  return not isinstance(x, jax.core.Tracer)
 
 
 def drop_path(x: jax.Array, rate, rng: jax.Array) -> jax.Array:
@@ -248,13 +245,6 @@ def padding_attention_mask(valid: jax.Array, causal: bool) -> jax.Array:
     length = valid.shape[1]
     mask = mask & jnp.tril(jnp.ones((length, length), bool))[None, None]
   return mask
-
-
-def masked_mean(x: jax.Array, valid: jax.Array) -> jax.Array:
-  """Mean over axis 1 of x [B, L, D] counting only valid [B, L] tokens."""
-  weights = valid.astype(x.dtype)[..., None]
-  count = jnp.maximum(weights.sum(axis=1), 1.0)
-  return (x * weights).sum(axis=1) / count
 
 
 def check_dropout_rates(**rates):

@@ -65,7 +65,8 @@ def checkpoint_steps(workdir: str) -> list[int]:
 def abstract_train_state(config, model, featurize, mesh):
   """Shapes, dtypes and (replicated) shardings of the config's train state, computed
   without running the model: the target of the restore."""
-  tx = opt_lib.make_optimizer(config.optimizer, config.total_steps)
+  tx = opt_lib.make_optimizer(config.optimizer, config.total_steps,
+                              max_logit_scale=config.model.max_logit_scale)
   sample = experiment.sample_batch(pipeline.make_source(config.data, "train"), featurize)
 
   def init(rng):

@@ -78,7 +78,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
 
   # Model, optimizer, state.
   model = models.build(config.model)
-  tx = opt_lib.make_optimizer(config.optimizer, config.total_steps)
+  tx = opt_lib.make_optimizer(config.optimizer, config.total_steps,
+                              max_logit_scale=config.model.max_logit_scale)
   schedule = opt_lib.learning_rate_schedule(config.optimizer, config.total_steps)
   rng = jax.random.key(config.seed)
   init_rng, step_rng = jax.random.split(rng)
