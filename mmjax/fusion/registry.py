@@ -2,6 +2,7 @@
 `build_fusion_from_config` (fusion + projections + task head) for models."""
 from __future__ import annotations
 
+import inspect
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
@@ -119,8 +120,12 @@ class FusionWithTaskHead(nn.Module):
     return modalities
 
   def __call__(self, features: Mapping[str, Array], mask: Mapping[str, Array],
-               train: bool = False):
-    """Returns (joint [B, D_out], logits [B, C] or None, aux)."""
+               train: bool = False, step: Array | None = None):
+    """Returns (joint [B, D_out], logits [B, C] or None, aux).
+
+    `step` (int scalar or None) is passed on to fusion modules whose `__call__` takes
+    a `step` (those with step-dependent hyperparameters); the others never see it.
+    """
     names = common.modality_names(features, mask, dict(self.fusion_config).get(
         "modalities"))
     if train and self.modality_dropout > 0:
@@ -134,7 +139,9 @@ class FusionWithTaskHead(nn.Module):
       if len(set(widths.values())) > 1:
         raise ValueError(f"fusion needs features of one width, got {widths}; set "
                          f"the fusion config's 'width' to project them")
-    joint, aux = self.fusion(features, mask, train=train)
+    takes_step = "step" in inspect.signature(type(self.fusion).__call__).parameters
+    joint, aux = (self.fusion(features, mask, train=train, step=step) if takes_step
+                  else self.fusion(features, mask, train=train))
     if self.fusion.produces_task_output:
       return joint, joint, aux
     logits = None if self.head is None else self.head(joint, train=train)

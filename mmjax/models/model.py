@@ -112,12 +112,16 @@ class MultimodalModel(nn.Module):
     if self.matching is not None:
       self.matching_head = matching_lib.MatchingHead(**self.matching)
 
-  def __call__(self, batch: Mapping[str, Any], *, train: bool = False) -> ModelOutput:
+  def __call__(self, batch: Mapping[str, Any], *, train: bool = False,
+               step: Optional[jax.Array] = None) -> ModelOutput:
     """Encodes every configured modality of `batch`.
 
     Args:
-      batch: modality -> input array (see DESIGN.md), plus `mask` (modality -> bool [B]).
+      batch: modality -> input array (docs/architecture.md), plus `mask` (modality -> bool [B]).
       train: enables dropout and other training-only behaviour (rng 'dropout').
+      step: int scalar, the training step (the train step passes `state.step`); handed
+        to the fusion module for its step-dependent hyperparameters
+        (`mmjax.schedules`). None (eval): schedules take their final value.
     """
     mask = batch.get("mask", {})
     for m in self.modalities:
@@ -138,7 +142,7 @@ class MultimodalModel(nn.Module):
         if m not in mask:
           raise ValueError(f"fusion needs batch['mask'][{m!r}]; the mask has {sorted(mask)}")
       joint, logits, aux = self.fuse(features, {m: mask[m] for m in self.modalities},
-                                     train=train)
+                                     train=train, step=step)
     matcher = None
     if self.matching is not None:
       if self.is_initializing():   # the head's params exist once it has run

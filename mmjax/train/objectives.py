@@ -1,6 +1,9 @@
 """Objectives: `config.objective` -> a loss on a `ModelOutput` and its batch.
 
-An objective is `fn(output, batch, objective_config, *, axis_name) -> (loss, metrics)`.
+An objective is `fn(output, batch, objective_config, *, axis_name, step=None) -> (loss,
+metrics)`; `step` is the train state's step (updates applied so far) in training and
+None in evaluation, for step-dependent terms (`mmjax.schedules`); the objectives here
+take no schedule of their own (fusion modules apply theirs before `aux` reaches `task`).
 Inside the train step's `shard_map` it must return the *global* loss, identical on
 every device (alignment losses gather negatives over `axis_name`; local terms are
 `pmean`-ed). Parameters are device-invariant in the step, so the gradient of that
@@ -155,12 +158,12 @@ def _check_model(kind, terms, fields, model_config) -> None:
 def _combined(terms: tuple[str, ...]) -> Callable:
   """Weighted sum of several objectives (`objective.weights.<term>`, default 1)."""
 
-  def objective(output, batch, objective_config, *, axis_name=None):
+  def objective(output, batch, objective_config, *, axis_name=None, step=None):
     weights = term_weights(objective_config, terms)
     loss, metrics = 0.0, {}
     for term in terms:
       term_loss, term_metrics = OBJECTIVES[term](output, batch, objective_config,
-                                                 axis_name=axis_name)
+                                                 axis_name=axis_name, step=step)
       loss = loss + weights[term] * term_loss
       metrics.update(term_metrics)
       metrics[f"{term}/loss"] = jax.lax.stop_gradient(term_loss)
@@ -203,7 +206,7 @@ def _masks(output, batch):
 
 
 @register("clip", label_smoothing=0.0)
-def clip_objective(output, batch, objective_config, *, axis_name=None):
+def clip_objective(output, batch, objective_config, *, axis_name=None, step=None):
   """Symmetric InfoNCE between the two modalities of the model."""
   a, b = _modalities(output)
   loss, metrics = align.clip_loss(
@@ -213,7 +216,7 @@ def clip_objective(output, batch, objective_config, *, axis_name=None):
 
 
 @register("siglip")
-def siglip_objective(output, batch, objective_config, *, axis_name=None):
+def siglip_objective(output, batch, objective_config, *, axis_name=None, step=None):
   """SigLIP's pairwise sigmoid loss between the two modalities (x, y in sorted order)."""
   del batch, objective_config
   a, b = _modalities(output)
@@ -224,7 +227,7 @@ def siglip_objective(output, batch, objective_config, *, axis_name=None):
 
 
 @register("pairwise", anchor=None, pairs="anchor", pair_kind="clip", label_smoothing=0.0)
-def pairwise_objective(output, batch, objective_config, *, axis_name=None):
+def pairwise_objective(output, batch, objective_config, *, axis_name=None, step=None):
   """Contrastive loss averaged over the anchored or all pairs of modalities."""
   del batch
   pairs, kind = objective_config.pairs, objective_config.pair_kind
@@ -238,7 +241,7 @@ def pairwise_objective(output, batch, objective_config, *, axis_name=None):
 
 
 @register("gram", anchor=None, label_smoothing=0.0, negatives_gradient=True)
-def gram_objective(output, batch, objective_config, *, axis_name=None):
+def gram_objective(output, batch, objective_config, *, axis_name=None, step=None):
   """GRAM between `objective.anchor` and the tuples of the other modalities."""
   anchor = objective_config.anchor
   loss, metrics = align.gram_loss(
@@ -254,7 +257,7 @@ def _gather(x, axis_name):
 
 
 @register("matching", anchor=None)
-def matching_objective(output, batch, objective_config, *, axis_name=None):
+def matching_objective(output, batch, objective_config, *, axis_name=None, step=None):
   """GRAM's volume-guided matching (see `mmjax.align.matching`).
 
   Each valid sample gives three pairs to the model's matching head: its anchor with
@@ -305,7 +308,7 @@ def global_mean(x: jax.Array, axis_name=None) -> jax.Array:
 
 
 @register("task")
-def task_objective(output, batch, objective_config, *, axis_name=None):
+def task_objective(output, batch, objective_config, *, axis_name=None, step=None):
   """Classification cross-entropy of the task head, plus the fusion's auxiliary losses.
 
   loss = mean over the global batch of CE(output.logits, batch['label'])

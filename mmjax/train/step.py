@@ -49,7 +49,13 @@ def create_train_state(model, tx: optax.GradientTransformation, sample_batch, rn
 
 def make_grad_fn(model, objective: Callable, objective_config, mesh, *,
                  deterministic_reductions: bool = False) -> Callable:
-  """`grad_fn(params, batch, rng) -> (loss, grads, metrics)`, not jitted on its own.
+  """`grad_fn(params, batch, rng, step=None) -> (loss, grads, metrics)`, not jitted on
+  its own.
+
+  `step` (an int scalar, the train state's step) goes to the model (`model.apply(...,
+  step=step)`, for fusion modules with step-dependent hyperparameters) and to the
+  objective (`step=step`); None is what an eval pass sees: schedules take their
+  final value (`mmjax.schedules`).
 
   `batch` is a dict of global arrays sharded over 'data'; the outputs are replicated:
   the global loss, its gradient, and the objective's metrics averaged over devices.
@@ -58,11 +64,11 @@ def make_grad_fn(model, objective: Callable, objective_config, mesh, *,
   result does not depend on how the devices are split into processes.
   """
 
-  def per_device(params, batch, rng):
+  def per_device(params, batch, rng, step=None):
     with collectives.fixed_order(deterministic_reductions):
-      return device_step(params, batch, rng)
+      return device_step(params, batch, rng, step)
 
-  def device_step(params, batch, rng):
+  def device_step(params, batch, rng, step):
     # Different dropout on every device, the same on every run.
     rng = jax.random.fold_in(rng, jax.lax.axis_index(DATA))
     if deterministic_reductions:
@@ -71,8 +77,9 @@ def make_grad_fn(model, objective: Callable, objective_config, mesh, *,
       params = collectives.vary(params, DATA)
 
     def loss_fn(params):
-      out = model.apply({"params": params}, batch, train=True, rngs={"dropout": rng})
-      loss, metrics = objective(out, batch, objective_config, axis_name=DATA)
+      out = model.apply({"params": params}, batch, train=True, rngs={"dropout": rng},
+                        step=step)
+      loss, metrics = objective(out, batch, objective_config, axis_name=DATA, step=step)
       metrics["logit_scale"] = out.logit_scale
       if out.logit_bias is not None:
         metrics["logit_bias"] = out.logit_bias
@@ -83,8 +90,17 @@ def make_grad_fn(model, objective: Callable, objective_config, mesh, *,
       grads = collectives.psum(grads, DATA)
     return loss, grads, collectives.pmean(metrics, DATA)
 
-  return jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(DATA), P()),
-                       out_specs=(P(), P(), P()))
+  without_step = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(DATA), P()),
+                               out_specs=(P(), P(), P()))
+  with_step = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(DATA), P(), P()),
+                            out_specs=(P(), P(), P()))
+
+  def grad_fn(params, batch, rng, step=None):
+    if step is None:
+      return without_step(params, batch, rng)
+    return with_step(params, batch, rng, step)
+
+  return grad_fn
 
 
 def make_train_step(model, objective: Callable, objective_config, mesh,
@@ -92,13 +108,14 @@ def make_train_step(model, objective: Callable, objective_config, mesh,
   """`train_step(state, batch, rng) -> (state, metrics)`, jitted.
 
   `metrics` are replicated scalars: `loss`, `grad_norm`, `logit_scale` and the
-  objective's own metrics. `deterministic_reductions`: see `make_grad_fn`.
+  objective's own metrics. The model and the objective see `step=state.step` (the
+  updates applied before this one). `deterministic_reductions`: see `make_grad_fn`.
   """
   grad_fn = make_grad_fn(model, objective, objective_config, mesh,
                          deterministic_reductions=deterministic_reductions)
 
   def train_step(state: TrainState, batch, rng):
-    loss, grads, metrics = grad_fn(state.params, batch, rng)
+    loss, grads, metrics = grad_fn(state.params, batch, rng, state.step)
     metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
     return state.apply_gradients(grads=grads), metrics
 
