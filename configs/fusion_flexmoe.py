@@ -5,6 +5,9 @@ configs/fusion_common.py).
 
 The bank and the S-Router learn from incomplete samples, so this method trains on data
 with each modality missing completely at random (30%); `:complete` turns that off.
+`model.fusion.s_router` picks the paper's routing ('paper', forced combination expert)
+or the authors' code's ('code'); `data.modality_warmup_steps` (60) is the warm-up on
+the training set ordered by number of present modalities.
 
   python -m mmjax.main --config=configs/fusion_flexmoe.py --workdir=runs/fusion_flexmoe
   python -m mmjax.main --config=configs/fusion_flexmoe.py:runlocal --workdir=/tmp/fusion_flexmoe
@@ -23,5 +26,10 @@ def _common():
 def get_config(arg=None):
   fusion = {"kind": "flexmoe", "num_experts": 7, "top_k": 2, "noisy_gating": True,
             "num_layers": 1, "num_heads": 2, "balance_loss_weight": 0.01,
-            "specialization_loss_weight": 0.01}
-  return _common().fusion_task_config("fusion_flexmoe", fusion, arg, train_missing=True)
+            "specialization_loss_weight": 0.01, "s_router": "paper"}
+  c = _common().fusion_task_config("fusion_flexmoe", fusion, arg, train_missing=True)
+  # The paper's and the code's warm-up: the first tenth of training (the authors' 5 of
+  # 50 epochs) reads the training set ordered by number of present modalities, most
+  # first, unshuffled; then the usual shuffle.
+  c.data.modality_warmup_steps = max(1, c.total_steps // 10)
+  return c

@@ -50,6 +50,9 @@ def world_data(modalities=("image", "text"), **overrides) -> ml_collections.Conf
   # factors `share` (0: a plain shuffle).
   d.group_batches = ml_collections.ConfigDict({"size": 0, "share": ("colour", "size",
                                                                     "position")})
+  # Flex-MoE's warm-up: the first N steps read the training set ordered by number of
+  # present modalities, most first (0: none).
+  d.modality_warmup_steps = 0
   d.num_threads = 2
   for k, v in overrides.items():
     setattr(d, k, v)
@@ -92,6 +95,7 @@ def tfds_data(name: str, features, *, data_dir: str | None = None,
   d.text_max_len = 72
   d.tokenizer = "byte"              # or 'sentencepiece:PATH' (a .model file)
   d.missing = missing_config()
+  d.modality_warmup_steps = 0       # as in world_data
   d.num_threads = 2
   d.lock()
   d.features.unlock()

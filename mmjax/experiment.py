@@ -107,12 +107,28 @@ def group_batches(data_config) -> dict:
   return {"group_size": int(groups.size), "group_share": tuple(groups.share)}
 
 
+def modality_warmup(data_config, source, featurize) -> dict:
+  """`pipeline.train_dataset`'s warm-up arguments from `config.data.modality_warmup_steps`
+  (default 0, none): that many first steps read the training set ordered by number of
+  present modalities, most first (Flex-MoE's warm-up), then the usual stream."""
+  steps = data_config.get("modality_warmup_steps", 0) or 0
+  if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+    raise ValueError(f"data.modality_warmup_steps must be a whole number of steps >= 0, "
+                     f"got {steps!r}")
+  if not steps:
+    return {}
+  return {"warmup_steps": steps, "warmup_order": pipeline.modality_count_order(
+      source, getattr(featurize, "missingness", None))}
+
+
 def train_dataset(config, source, featurize):
-  """The training stream of `config`: shuffled (or grouped) batches of this process."""
+  """The training stream of `config`: shuffled (or grouped) batches of this process,
+  after the modality-ordered warm-up if `data.modality_warmup_steps` is set."""
   return pipeline.train_dataset(source, featurize, seed=config.seed,
                                 global_batch_size=config.batch_size,
                                 num_threads=config.data.num_threads,
-                                **group_batches(config.data))
+                                **group_batches(config.data),
+                                **modality_warmup(config.data, source, featurize))
 
 
 def build_evaluators(config, only=None) -> dict:

@@ -10,7 +10,8 @@ present). joint is [B, D_out]; aux holds weighted auxiliary losses under
 from mmjax.fusion.attention import AttentionFusion, OvOFusion
 from mmjax.fusion.common import (check_mask, combination_index, masked_mean,
                                  modality_dropout, stack_mask, stack_modalities)
-from mmjax.fusion.flexmoe import (FlexMoEFusion, MissingModalityBank, cv_squared,
+from mmjax.fusion.flexmoe import (S_ROUTERS, FlexMoEFusion, MissingModalityBank,
+                                  code_router_losses, cv_squared,
                                   importance_load_loss, num_combinations,
                                   smooth_top_k_load, specialization_loss,
                                   warmup_order)

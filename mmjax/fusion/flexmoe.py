@@ -23,13 +23,30 @@ What the paper does, and how it maps here:
 * The outputs of all M tokens are concatenated and projected.
 * Training order: during warm-up the paper sorts the training samples by
   their number of present modalities, most first; `warmup_order` gives that
-  permutation for the data pipeline.
+  permutation; the data pipeline applies it for the first
+  `data.modality_warmup_steps` steps (`mmjax.data.pipeline.train_dataset`).
+
+`s_router` chooses between the paper's reading above ('paper') and the
+routing of the authors' released code ('code'):
+* plain noisy top-k for every token, no forced expert (clean top-k at
+  inference);
+* the S-Router cross-entropy on the *noisy* logits (clean in eval);
+* besides the balance loss over full-modality tokens, a second one over the
+  tokens of samples with missing modalities, on every expert but the
+  full-modality combination's (expert 2**M - 2 here; the code numbers it 0
+  and drops column 0);
+* cv^2 with the unbiased variance (torch's default);
+* each modality's tokens are a routing call of their own in the code, so
+  the losses are per modality, summed over modalities and layers (the
+  paper reading averages over layers, all tokens at once).
 
 aux (losses already weighted; the trainer adds every 'loss/*' entry):
   loss/flexmoe_balance         balance_loss_weight * mean over layers of
-                               cv^2(importance) + cv^2(load)
+                               cv^2(importance) + cv^2(load) ('code': the sum
+                               over layers of `code_router_losses`' balance)
   loss/flexmoe_specialization  specialization_loss_weight * mean over layers
-                               of the S-Router cross-entropy
+                               of the S-Router cross-entropy ('code': summed
+                               over modalities and layers, noisy logits)
   stats/flexmoe_balance, stats/flexmoe_specialization   unweighted values
   stats/flexmoe_expert_load    [E] share of kept assignments per expert
   stats/flexmoe_router_agreement  share of fewer-modality tokens whose router
@@ -108,10 +125,13 @@ class MissingModalityBank(nn.Module):
     return table[index]
 
 
-def cv_squared(x: Array, eps: float = 1e-10) -> Array:
-  """Squared coefficient of variation var(x) / mean(x)^2 of a 1-D vector."""
+def cv_squared(x: Array, eps: float = 1e-10, ddof: int = 0) -> Array:
+  """Squared coefficient of variation var(x) / mean(x)^2 of a 1-D vector.
+
+  ddof=1 is the unbiased variance (the Flex-MoE authors' code, via torch).
+  """
   x = x.astype(jnp.float32)
-  return jnp.var(x) / (jnp.mean(x) ** 2 + eps)
+  return jnp.var(x, ddof=ddof) / (jnp.mean(x) ** 2 + eps)
 
 
 def smooth_top_k_load(clean_logits: Array, noisy_logits: Array, noise_std: Array,
@@ -169,6 +189,51 @@ def specialization_loss(logits: Array, target_expert: Array, weight: Array) -> A
   return jnp.sum(weight * nll) / jnp.maximum(jnp.sum(weight), 1.0)
 
 
+S_ROUTERS = ("paper", "code")
+
+
+def code_router_losses(gates: Array, load: Array, logits: Array, target_expert: Array,
+                       full: Array, num_modalities: int, full_expert: int
+                       ) -> tuple[Array, Array]:
+  """Balance and S-Router losses of one MoE layer as the authors' code has them.
+
+  Tokens are sample-major (token b * M + m is modality m of sample b). Per
+  modality m, over the B tokens of that modality:
+
+    balance_m = cv2(sum_{b full} gates) + cv2(sum_{b full} load)
+              + cv2(sum_{b not full} gates[:, -f]) + cv2(sum_{b not full} load[:, -f])
+    special_m = mean_{b not full} CE(logits[b], target_expert[b])
+
+  with cv2 the unbiased squared coefficient of variation and [:, -f] every
+  expert but `full_expert`. Returns (sum_m balance_m, sum_m special_m).
+
+  Args:
+    gates: [B*M, E] sparse gate values; load: [B*M, E] (smooth) top-k indicator.
+    logits: [B*M, E] router logits the cross-entropy sees (noisy in training).
+    target_expert: int [B*M] each token's combination expert.
+    full: bool [B*M] whether the token's sample has every modality.
+    num_modalities: M.  full_expert: expert of the full combination.
+  """
+  num_experts = gates.shape[-1]
+
+  def per_modality(a):
+    return a.reshape(-1, num_modalities, *a.shape[1:]).swapaxes(0, 1)
+
+  gates, load, logits = per_modality(gates), per_modality(load), per_modality(logits)
+  target, full = per_modality(target_expert), per_modality(full)
+  others = np.array([e for e in range(num_experts) if e != full_expert])
+  balance, special = 0.0, 0.0
+  for m in range(num_modalities):
+    w_full = full[m].astype(jnp.float32)[:, None]
+    w_few = 1.0 - w_full
+    balance = balance + (cv_squared(jnp.sum(w_full * gates[m], 0), ddof=1)
+                         + cv_squared(jnp.sum(w_full * load[m], 0), ddof=1)
+                         + cv_squared(jnp.sum(w_few * gates[m][:, others], 0), ddof=1)
+                         + cv_squared(jnp.sum(w_few * load[m][:, others], 0), ddof=1))
+    special = special + specialization_loss(logits[m], target[m], ~full[m])
+  return balance, special
+
+
 def warmup_order(num_present: np.ndarray) -> np.ndarray:
   """Indices that sort samples by number of present modalities, most first.
 
@@ -195,8 +260,11 @@ class FlexMoEFusion(nn.Module):
     balance_loss_weight: weight of the G-Router importance + load loss.
     specialization_loss_weight: weight of the S-Router cross-entropy.
     bank_init_stddev: init stddev of the missing-modality bank.
-    force_combination_expert: fix fewer-modality samples' top-1 expert to their
-      combination's expert (the S-Router); False routes every sample top-k.
+    force_combination_expert: with s_router='paper', fix fewer-modality samples'
+      top-1 expert to their combination's expert (the S-Router); False routes
+      every sample top-k. Not read with s_router='code' (which never forces).
+    s_router: 'paper' (the reading above) or 'code' (the authors' code: see the
+      module doc).
     out_dim: output width (default: D).
     modalities: expected modality names, or None to accept any.
   """
@@ -213,10 +281,15 @@ class FlexMoEFusion(nn.Module):
   specialization_loss_weight: float = 0.01
   bank_init_stddev: float = 1.0
   force_combination_expert: bool = True
+  s_router: str = "paper"
   out_dim: int | None = None
   modalities: Sequence[str] | None = None
 
   def __post_init__(self):
+    if self.s_router not in S_ROUTERS:
+      raise ValueError(f"flexmoe s_router must be one of {list(S_ROUTERS)} ('paper': "
+                       f"forced combination expert; 'code': the authors' code), got "
+                       f"{self.s_router!r}")
     check_routing_config(self.top_k if self.num_experts is None else self.num_experts,
                          self.top_k, self.capacity_factor)
     _check_transformer_config("flexmoe", self.num_layers, self.num_heads,
@@ -240,7 +313,9 @@ class FlexMoEFusion(nn.Module):
                train: bool = False) -> tuple[Array, dict[str, Array]]:
     """Returns joint [B, out_dim or D] and aux (see module doc).
 
-    The bank-filled tokens are sown as intermediates 'filled_tokens' [B, M, D].
+    The bank-filled tokens are sown as intermediates 'filled_tokens' [B, M, D],
+    and per layer i 'routing_i': {'gates', 'load', 'logits', 'routing_logits',
+    'expert_index'} ([B*M, E], expert_index [B*M, k]; tokens sample-major).
     """
     _, x, present = common.stack_modalities(features, mask, self.modalities)
     batch, num_modalities, width = x.shape
@@ -255,8 +330,9 @@ class FlexMoEFusion(nn.Module):
     full = combination == num_combinations(num_modalities)
     full_tokens = jnp.repeat(full, num_modalities)
     target_expert = jnp.repeat(combination - 1, num_modalities)
+    code = self.s_router == "code"
     forced = (jnp.where(full_tokens, -1, target_expert)
-              if self.force_combination_expert else None)
+              if self.force_combination_expert and not code else None)
     all_present = jnp.ones((batch, num_modalities), bool)
     balance, special, load, agreement = [], [], [], []
     for i in range(self.num_layers):
@@ -278,9 +354,20 @@ class FlexMoEFusion(nn.Module):
                                    routing["noise_std"], self.top_k)
       else:
         chosen = (gates > 0).astype(jnp.float32)
-      balance.append(importance_load_loss(gates, chosen, full_tokens))
-      special.append(specialization_loss(routing["logits"], target_expert,
-                                         ~full_tokens))
+      self.sow("intermediates", f"routing_{i}", {
+          "gates": gates, "load": chosen, "logits": routing["logits"],
+          "routing_logits": routing["routing_logits"],
+          "expert_index": routing["expert_index"]})
+      if code:
+        b, s = code_router_losses(gates, chosen, routing["routing_logits"],
+                                  target_expert, full_tokens, num_modalities,
+                                  num_combinations(num_modalities) - 1)
+        balance.append(b)
+        special.append(s)
+      else:
+        balance.append(importance_load_loss(gates, chosen, full_tokens))
+        special.append(specialization_loss(routing["logits"], target_expert,
+                                           ~full_tokens))
       load.append(routing["expert_load"])
       fewer = (~full_tokens).astype(jnp.float32)
       agree = jnp.argmax(routing["logits"], axis=-1) == target_expert
@@ -289,8 +376,9 @@ class FlexMoEFusion(nn.Module):
     tokens = nn.LayerNorm(name="final_norm")(tokens)
     joint = nn.Dense(self.out_dim or width, name="out")(
         tokens.reshape(batch, num_modalities * width))
-    balance = jnp.mean(jnp.stack(balance))
-    special = jnp.mean(jnp.stack(special))
+    reduce = jnp.sum if code else jnp.mean
+    balance = reduce(jnp.stack(balance))
+    special = reduce(jnp.stack(special))
     aux = {
         "loss/flexmoe_balance": self.balance_loss_weight * balance,
         "loss/flexmoe_specialization": self.specialization_loss_weight * special,
