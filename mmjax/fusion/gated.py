@@ -17,7 +17,20 @@ a coefficient adapted per instance:
 
 A confident (collapsed) gate gets the strongest push towards spreading its
 weight; an already uniform gate is left alone. The coefficient formula is
-this library's reading of the paper's per-instance adaptation.
+this library's reading of the paper's per-instance adaptation
+(`entropy_per_instance=True`, the module default).
+
+As the authors' code trains (`entropy_per_instance=False`): one scalar
+coefficient per step, lam_t = schedule(step), and loss/gate_entropy =
+-lam_t * mean_b H_b. `entropy_coeff` is a number or a schedule config
+(`mmjax.schedules`; the authors' is the 'aecf' shape: free period, linear
+ramp, flat, cosine decay over the last tenth); with the per-instance
+coefficient the schedule scales lam_b. The authors' masking is
+`mask_rate`: in training every present modality is dropped with probability
+pi_t = schedule(step) (their ramp pi_max * min(1, t / warmup) is the
+'linear' shape), at least one kept per sample. Both schedules are evaluated
+at the `step` the train step passes; a call without a step (eval) uses their
+final values (masking is training-only anyway).
 
 The paper's second training device is a masking curriculum driven by gate
 entropy: extra training-time masking aimed at the modalities an
@@ -28,9 +41,9 @@ sampled from them, and the fusion runs on the reduced mask. The masking
 grows as the gate sharpens (a near-uniform gate, as at initialisation, is
 barely masked), so the entropy itself paces the curriculum; a caller that
 knows the training step can add a linear ramp of the rate with
-`entropy_curriculum_mask`. The paper's contrastive calibration term is not
-part of this module; calibration per modality subset is measured by the
-`robustness` evaluator (`mmjax.evals.robustness`).
+`entropy_curriculum_mask`. The paper's contrastive calibration term (CEC) is not
+part of this module (docs/fusion.md says what of its definition is missing);
+calibration per modality subset is measured by the `robustness` evaluator.
 """
 from __future__ import annotations
 
@@ -40,6 +53,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mmjax import schedules
 from mmjax.fusion import common
 from mmjax.fusion.heads import StackedDense
 
@@ -95,33 +109,46 @@ class GatedFusion(nn.Module):
   """Entropy-gated fusion (AECF): gate-weighted sum of modality projections.
 
   aux (losses already weighted):
-    loss/gate_entropy          -mean_b lam_b * H_b (see module doc)
+    loss/gate_entropy          -mean_b lam_b * H_b (see module doc; lam_b = lam_t
+                               without the per-instance coefficient)
     stats/gate_entropy         mean gate entropy (nats)
     stats/gate_entropy_normalized  mean entropy / log(present count)
     stats/gate_entropy_coeff   mean per-instance coefficient lam_b
     stats/gate_weight          [M] mean gate weight of each modality over the
                                samples where it is present (sorted-name order)
+    stats/gate_entropy_schedule  lam_t, the scheduled coefficient at this step
+    stats/mask_rate, stats/mask_masked  (training, mask_rate not 0) pi_t and the
+                               mean number of modalities it removed per sample
 
   Attributes:
     gate_hidden_dim: hidden width of the gate MLP (default: D).
     temperature: gate softmax temperature.
-    entropy_coeff: the largest per-instance entropy coefficient.
+    entropy_coeff: the entropy coefficient lam_t: a number >= 0 or a schedule
+      config (`mmjax.schedules`, evaluated at the step; its final value without one).
+    entropy_per_instance: multiply lam_t by stop_gradient(1 - Hn_b) per sample
+      (this library's reading of the paper); False is the authors' code,
+      -lam_t * mean_b H_b.
     project: apply a separate dense projection per modality before mixing
       (False: mix the features themselves; requires out_dim None).
     out_dim: output width (default: D).
     dropout_rate: dropout in the gate (training only).
     curriculum_rate: rate r of the entropy-targeted training masking (see
       `entropy_targeted_mask`; 0 turns it off); rng stream 'dropout'.
+    mask_rate: the authors' training masking: each present modality dropped with
+      probability pi_t (a number in [0, 1) or a schedule; 0 turns it off), at least
+      one kept; applied before the entropy-targeted masking; rng stream 'dropout'.
     modalities: expected modality names, or None to accept any.
   """
   produces_task_output: ClassVar[bool] = False
   gate_hidden_dim: int | None = None
   temperature: float = 1.0
-  entropy_coeff: float = 0.1
+  entropy_coeff: float | tuple | Mapping = 0.1
+  entropy_per_instance: bool = True
   project: bool = True
   out_dim: int | None = None
   dropout_rate: float = 0.0
   curriculum_rate: float = 0.0
+  mask_rate: float | tuple | Mapping = 0.0
   modalities: Sequence[str] | None = None
 
   def __post_init__(self):
@@ -130,8 +157,8 @@ class GatedFusion(nn.Module):
     if not 0.0 <= self.curriculum_rate <= 1.0:
       raise ValueError(f"gated curriculum_rate must be in [0, 1], got "
                        f"{self.curriculum_rate}")
-    if self.entropy_coeff < 0:
-      raise ValueError(f"gated entropy_coeff must be >= 0, got {self.entropy_coeff}")
+    _check_schedule(self.entropy_coeff, "gated entropy_coeff", upper=None)
+    _check_schedule(self.mask_rate, "gated mask_rate", upper=1.0)
     if not self.project and self.out_dim is not None:
       raise ValueError("gated out_dim needs project=True (without a projection "
                        "the output width is the feature width)")
@@ -153,10 +180,24 @@ class GatedFusion(nn.Module):
     return self.gate(x, present, train=False)
 
   def __call__(self, features: Mapping[str, Array], mask: Mapping[str, Array],
-               train: bool = False) -> tuple[Array, dict[str, Array]]:
-    """Returns joint [B, out_dim or D] and aux (see class doc)."""
+               train: bool = False, step: Array | None = None
+               ) -> tuple[Array, dict[str, Array]]:
+    """Returns joint [B, out_dim or D] and aux (see class doc).
+
+    `step`: int scalar training step for `entropy_coeff` and `mask_rate`
+    schedules; None uses their final values.
+    """
     _, x, present = common.stack_modalities(features, mask, self.modalities)
     aux_curriculum = {}
+    if train and self.mask_rate != 0.0:
+      rate = schedules.value_at(self.mask_rate, step, "gated mask_rate")
+      u = jax.random.uniform(self.make_rng("dropout"), present.shape)
+      kept = common.restore_one_present(present & (u >= rate), present, u)
+      aux_curriculum["stats/mask_rate"] = rate
+      aux_curriculum["stats/mask_masked"] = jnp.mean(
+          jnp.sum(present & ~kept, axis=1).astype(jnp.float32))
+      present = kept
+      x = jnp.where(present[..., None], x, jnp.zeros((), x.dtype))
     if train and self.curriculum_rate > 0:
       first = jax.lax.stop_gradient(self.gate(x, present, train=False))
       kept = entropy_targeted_mask(present, first, self.make_rng("dropout"),
@@ -170,19 +211,33 @@ class GatedFusion(nn.Module):
     joint = jnp.einsum("bm,bmd->bd", probs.astype(values.dtype), values)
 
     entropy, normalized = gate_entropy(probs, present)
-    coeff = self.entropy_coeff * jax.lax.stop_gradient(1.0 - normalized)
+    lam_t = schedules.value_at(self.entropy_coeff, step, "gated entropy_coeff")
+    coeff = jnp.broadcast_to(lam_t, entropy.shape)
+    if self.entropy_per_instance:
+      coeff = coeff * jax.lax.stop_gradient(1.0 - normalized)
     present_f = present.astype(jnp.float32)
     aux = {
         "loss/gate_entropy": -jnp.mean(coeff * entropy),
         "stats/gate_entropy": jnp.mean(entropy),
         "stats/gate_entropy_normalized": jnp.mean(normalized),
         "stats/gate_entropy_coeff": jnp.mean(coeff),
+        "stats/gate_entropy_schedule": lam_t,
         "stats/gate_weight": (jnp.sum(probs * present_f, axis=0)
                               / jnp.maximum(jnp.sum(present_f, axis=0), 1.0)),
         "stats/num_present": jnp.mean(jnp.sum(present_f, axis=1)),
         **aux_curriculum,
     }
     return joint, aux
+
+
+def _check_schedule(value, name: str, upper: float | None) -> None:
+  """A number in [0, upper) (or >= 0) or a valid schedule config."""
+  if isinstance(value, (int, float)) and not isinstance(value, bool):
+    if value < 0 or (upper is not None and value >= upper):
+      bound = f"in [0, {upper:g})" if upper is not None else ">= 0"
+      raise ValueError(f"{name} must be {bound} (or a schedule), got {value}")
+    return
+  schedules.fields(value, name)
 
 
 def curriculum_rate(step, max_rate: float, ramp_steps: int) -> Array:
