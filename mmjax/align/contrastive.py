@@ -44,12 +44,10 @@ import jax.numpy as jnp
 from mmjax import collectives
 from mmjax.align import _util
 
-# CLIP: learnable t with logit_scale = exp(t), initialised at 1 / 0.07 and
-# clipped at 100 (Radford et al., 2021).
+# CLIP: logit_scale = exp(t), t learned from log(1 / 0.07), capped at 100 (Radford 2021).
 CLIP_INIT_LOGIT_SCALE = math.log(1 / 0.07)
 MAX_LOGIT_SCALE = 100.0
-# SigLIP: logit_scale = exp(t) with t = log 10, bias -10 (Zhai et al., 2023),
-# so that the many negatives start with a small loss.
+# SigLIP: t = log 10, bias -10 (Zhai et al., 2023): the many negatives start small.
 SIGLIP_INIT_LOGIT_SCALE = math.log(10.0)
 SIGLIP_INIT_LOGIT_BIAS = -10.0
 

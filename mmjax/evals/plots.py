@@ -1,15 +1,11 @@
 """PNG plots of evaluation results and training curves.
 
-Figures are built with `matplotlib.figure.Figure` and rendered by the Agg
-canvas, so no pyplot state or display is involved and plots can be written
-from any thread. Every function writes one PNG (creating its folder) and
-returns the path as a string.
+Figures are `matplotlib.figure.Figure`s rendered by the Agg canvas: no pyplot state
+or display, so plots can be written from any thread. Every function writes one PNG
+(creating its folder) and returns the path as a string.
 """
 
-import collections
-import json
-import math
-import os
+import collections, json, math, os  # pylint: disable=multiple-imports
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
