@@ -1,12 +1,12 @@
-"""Flex-MoE fusion (missing-modality bank, G-Router top-2 on full-modality samples,
-S-Router top-1 to the expert of each sample's observed combination, 2^3 - 1 = 7
-experts) on the world task that needs image, audio and text (see
+"""Flex-MoE fusion (missing-modality bank, noisy top-2 routing over 2^3 - 1 = 7
+experts, one per modality combination, with the G-Router balance and S-Router losses as
+the authors' code has them) on the world task that needs image, audio and text (see
 configs/fusion_common.py).
 
 The bank and the S-Router learn from incomplete samples, so this method trains on data
 with each modality missing completely at random (30%); `:complete` turns that off.
-`model.fusion.s_router` picks the paper's routing ('paper', forced combination expert)
-or the authors' code's ('code'); `data.modality_warmup_steps` (60) is the warm-up on
+`model.fusion.s_router` picks the authors' code's routing ('code', the default) or the
+paper's ('paper', forced combination expert); `data.modality_warmup_steps` (60) is the warm-up on
 the training set ordered by number of present modalities.
 
   python -m mmjax.main --config=configs/fusion_flexmoe.py --workdir=runs/fusion_flexmoe
@@ -26,7 +26,7 @@ def _common():
 def get_config(arg=None):
   fusion = {"kind": "flexmoe", "num_experts": 7, "top_k": 2, "noisy_gating": True,
             "num_layers": 1, "num_heads": 2, "balance_loss_weight": 0.01,
-            "specialization_loss_weight": 0.01, "s_router": "paper"}
+            "specialization_loss_weight": 0.01, "s_router": "code"}
   c = _common().fusion_task_config("fusion_flexmoe", fusion, arg, train_missing=True)
   # The paper's and the code's warm-up: the first tenth of training (the authors' 5 of
   # 50 epochs) reads the training set ordered by number of present modalities, most

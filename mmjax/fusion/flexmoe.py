@@ -263,8 +263,9 @@ class FlexMoEFusion(nn.Module):
     force_combination_expert: with s_router='paper', fix fewer-modality samples'
       top-1 expert to their combination's expert (the S-Router); False routes
       every sample top-k. Not read with s_router='code' (which never forces).
-    s_router: 'paper' (the reading above) or 'code' (the authors' code: see the
-      module doc).
+    s_router: 'code' (the authors' code: see the module doc; the default, it
+      kept slightly more accuracy under missing modalities in benchmarks/README.md)
+      or 'paper' (the reading above).
     out_dim: output width (default: D).
     modalities: expected modality names, or None to accept any.
   """
@@ -281,7 +282,7 @@ class FlexMoEFusion(nn.Module):
   specialization_loss_weight: float = 0.01
   bank_init_stddev: float = 1.0
   force_combination_expert: bool = True
-  s_router: str = "paper"
+  s_router: str = "code"
   out_dim: int | None = None
   modalities: Sequence[str] | None = None
 
