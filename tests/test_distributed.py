@@ -12,6 +12,7 @@ import time
 import numpy as np
 import pytest
 
+from mmjax import experiment
 from mmjax import config_lib
 from mmjax.data import pipeline
 from mmjax.train import checkpoint as ckpt_lib
@@ -183,7 +184,7 @@ def test_global_batch_must_split_over_processes_and_devices(mesh8):
   # The trainer checks it before building anything.
   with pytest.raises(ValueError, match=r"batch_size 12 is not divisible by the 8 devices "
                      r"\(1 process x 8 devices per process\)"):
-    trainer.check_config(tiny_config(batch_size=12), mesh_lib.make_mesh())
+    experiment.check_config(tiny_config(batch_size=12), mesh_lib.make_mesh())
 
 
 # ---------------------------------------------------------------------------------------
@@ -194,7 +195,7 @@ def test_global_batch_must_split_over_processes_and_devices(mesh8):
 def test_processes_read_disjoint_shards_whose_union_is_the_global_batch():
   config = tiny_config()
   source = pipeline.make_source(config.data, "train")
-  featurize = trainer.make_featurize(config)
+  featurize = experiment.make_featurize(config)
 
   def stream(p, n):
     return iter(pipeline.train_dataset(source, featurize, seed=3, global_batch_size=16,

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import sentencepiece
 
+from mmjax import experiment
 from mmjax.data.sentencepiece_tokenizer import SentencePieceTokenizer
 from mmjax.models.registry import build_encoder
 
@@ -116,16 +117,16 @@ def test_sentencepiece_from_the_data_config(default_model, mesh8):
   with pytest.raises(ValueError, match=r"model.encoders.text does not match data.tokenizer="
                      r".*vocab_size=259 \(the tokenizer's is \d+\).*eos_id=2 \(the "
                      r"tokenizer's is 3\)"):
-    trainer.check_config(config, mesh8)
+    experiment.check_config(config, mesh8)
   tok = SentencePieceTokenizer(default_model, max_len=config.data.text_max_len)
   config.model.encoders.text.vocab_size = tok.vocab_size
   config.model.encoders.text.eos_id = tok.eos_id
-  trainer.check_config(config, mesh8)
-  featurize = trainer.make_featurize(config)
+  experiment.check_config(config, mesh8)
+  featurize = experiment.make_featurize(config)
   source = pipeline.make_source(config.data, 'train')
   row = featurize((0, source[0]))
   np.testing.assert_array_equal(row['text'], tok.encode(source[0]['text']))
   config.data.tokenizer = 'bpe'
   with pytest.raises(ValueError, match=r"data.tokenizer='bpe': expected 'byte' or "
                      r"'sentencepiece:PATH'"):
-    trainer.check_config(config, mesh8)
+    experiment.check_config(config, mesh8)

@@ -12,7 +12,7 @@ import matplotlib.image
 import pytest
 
 from mmjax import config_lib
-from mmjax.evals import eval_mode
+from mmjax.train import eval_mode
 from mmjax.evals import evaluators as ev
 from mmjax.train import trainer
 
@@ -29,12 +29,12 @@ def _config():
   c.log_every_steps = 2
   c.data.sizes.validation = 16
   c.data.sizes.test = 24
-  c.evals.zero_shot = ev.evaluator_config("zero_shot", every=0, batch_size=16)
-  c.evals.linear_probe = ev.evaluator_config("linear_probe", every=0, batch_size=16,
+  c.evals.zero_shot = config_lib.evaluator_config("zero_shot", every=0, batch_size=16)
+  c.evals.linear_probe = config_lib.evaluator_config("linear_probe", every=0, batch_size=16,
                                              train_examples=32, l2_grid=(1e-2,), steps=50)
-  c.evals.knn = ev.evaluator_config("knn", every=0, batch_size=16, train_examples=32, k=5)
-  c.evals.calibration = ev.evaluator_config("calibration", every=0, batch_size=16)
-  c.evals.geometry = ev.evaluator_config("geometry", every=0, batch_size=16, k=5)
+  c.evals.knn = config_lib.evaluator_config("knn", every=0, batch_size=16, train_examples=32, k=5)
+  c.evals.calibration = config_lib.evaluator_config("calibration", every=0, batch_size=16)
+  c.evals.geometry = config_lib.evaluator_config("geometry", every=0, batch_size=16, k=5)
   return c
 
 

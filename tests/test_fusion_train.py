@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from mmjax import experiment
 from mmjax import config_lib, fusion, models
 from mmjax.data import missing as missing_lib
 from mmjax.data import pipeline
 from mmjax.data import world as world_lib
-from mmjax.evals import evaluators
-from mmjax.evals import robustness  # registers the evaluator
+from mmjax.data import world_info
+from mmjax.evals.evaluators import robustness
 from mmjax.models.model import ModelOutput
 from mmjax.train import objectives, trainer
 from mmjax.train import step as step_lib
@@ -80,14 +81,14 @@ def test_robustness_metrics_equal_a_direct_computation(mesh8):
   config.model.task.num_classes = 3
   config.data.sizes.test = 40
   model = models.build(config.model)
-  featurize = trainer.make_featurize(config)
+  featurize = experiment.make_featurize(config)
   source = world_lib.World(world_lib.WorldSpec.from_config(config.data), "test")
   init = jax.jit(lambda key: model.init({"params": key, "dropout": key},
-                                        trainer.sample_batch(source, featurize, 2)))
+                                        experiment.sample_batch(source, featurize, 2)))
   params = init(jax.random.key(0))["params"]
   apply_fn = step_lib.make_apply_fn(model)
-  ctx = evaluators.EvalContext(config=config, workdir="unused", mesh=mesh8, params=params,
-                               apply_fn=apply_fn, featurize=featurize, step=0)
+  ctx = experiment.eval_context(config, workdir="unused", mesh=mesh8, featurize=featurize,
+                                step=0, predict=lambda batch: apply_fn(params, batch))
   metrics = robustness.evaluate_robustness(ctx, split="test", batch_size=16, rates=(0.5,))
 
   # Directly: zero-fill and mask by hand, run the model on 48 rows (8 of padding).
@@ -149,9 +150,9 @@ def test_world_oracle_accuracy_matches_enumeration(mode, num_classes):
       label_factors=("shape", "colour", "size"), label_mode=mode,
       label_num_classes=num_classes)
   for subset in missing_lib.all_combinations(("audio", "image", "text")):
-    assert robustness.world_oracle_accuracy(spec, subset) == pytest.approx(
+    assert world_info.oracle_accuracy(spec, subset) == pytest.approx(
         _brute_force_oracle(spec, subset)), subset
-  assert robustness.world_chance(spec) == pytest.approx(_brute_force_oracle(spec, ()))
+  assert world_info.chance(spec) == pytest.approx(_brute_force_oracle(spec, ()))
 
 
 def test_task_objective_is_the_global_cross_entropy_plus_aux(mesh8):
@@ -237,9 +238,10 @@ def test_bad_input_errors_clearly(tmp_path):
   with pytest.raises(ValueError, match=r"needs batch\['label'\]"):
     objectives.get("task")(out, {"image": jnp.zeros((4, 2))}, config.objective)
   # A model without a task head.
+  headless = load_config("fusion_concat", "runlocal").model
+  headless.task = None
   with pytest.raises(ValueError, match="needs task logits"):
-    objectives.get("task")(out.replace(logits=None), {"label": jnp.zeros(4, jnp.int32)},
-                           config.objective)
+    objectives.build(config.objective, headless)
   # Evaluator and config fields.
   with pytest.raises(ValueError, match=r"modality_dropout must be in \[0, 1\)"):
     fusion.build_fusion_from_config({"kind": "mean", "modality_dropout": 1.0})

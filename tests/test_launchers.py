@@ -19,6 +19,7 @@ import jax
 import numpy as np
 import pytest
 
+from mmjax import experiment
 from mmjax import models
 from mmjax.data import pipeline
 from mmjax.train import checkpoint as ckpt_lib
@@ -203,7 +204,7 @@ def test_two_process_checkpoint_restores_on_one_process(preempted_run):
   step = compare_runs.checkpoint_steps(workdir)[-1]
   config = tiny_config(total_steps=TOTAL_STEPS)
   mesh = mesh_lib.make_mesh(config.mesh)
-  featurize = trainer.make_featurize(config)
+  featurize = experiment.make_featurize(config)
   source = pipeline.make_source(config.data, "train")
 
   def stream():
@@ -212,7 +213,7 @@ def test_two_process_checkpoint_restores_on_one_process(preempted_run):
 
   model = models.build(config.model)
   tx = opt_lib.make_optimizer(config.optimizer, config.total_steps)
-  state = step_lib.create_train_state(model, tx, trainer.sample_batch(source, featurize),
+  state = step_lib.create_train_state(model, tx, experiment.sample_batch(source, featurize),
                                       jax.random.key(0), mesh)
   restored_iter = stream()
   manager = ckpt_lib.make_manager(workdir, read_only=True)

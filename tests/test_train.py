@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import pytest
 
+from mmjax import experiment
 from mmjax import config_lib, models
 from mmjax.data import pipeline
 from mmjax.train import checkpoint as ckpt_lib
@@ -37,10 +38,10 @@ def tiny_config(**overrides):
 def _grad_fn(config, mesh, deterministic_reductions=False):
   """A jitted grad_fn of `config`'s model on `mesh`, and its params."""
   model = models.build(config.model)
-  featurize = trainer.make_featurize(config)
+  featurize = experiment.make_featurize(config)
   source = pipeline.make_source(config.data, "train")
   tx = opt_lib.make_optimizer(config.optimizer, config.total_steps)
-  state = step_lib.create_train_state(model, tx, trainer.sample_batch(source, featurize),
+  state = step_lib.create_train_state(model, tx, experiment.sample_batch(source, featurize),
                                       jax.random.key(0), mesh)
   grad_fn = jax.jit(step_lib.make_grad_fn(model, objectives.get("clip"), config.objective,
                                           mesh,
@@ -56,7 +57,7 @@ def _grads(grad_fn, params, batch):
 def test_train_step_8_devices_equals_1_device(mesh1, mesh8):
   config = tiny_config()
   source = pipeline.make_source(config.data, "train")
-  batch = trainer.sample_batch(source, trainer.make_featurize(config), size=16)
+  batch = experiment.sample_batch(source, experiment.make_featurize(config), size=16)
   loss1, grads1 = _grads(*_grad_fn(config, mesh1), pipeline.to_global(batch, mesh1))
   batch8 = pipeline.to_global(batch, mesh8)
   loss8, grads8 = _grads(*_grad_fn(config, mesh8), batch8)
@@ -178,12 +179,12 @@ def test_modality_the_data_does_not_produce(mesh8):
   c = tiny_config()
   c.model.encoders.audio = config_lib.encoder("vit", "mu")
   with pytest.raises(ValueError, match="produces no modality 'audio'"):
-    trainer.check_config(c, mesh8)
+    experiment.check_config(c, mesh8)
 
 
 def test_batch_not_divisible_by_devices(mesh8):
   with pytest.raises(ValueError, match="batch_size 12 is not divisible by the 8 devices"):
-    trainer.check_config(tiny_config(batch_size=12), mesh8)
+    experiment.check_config(tiny_config(batch_size=12), mesh8)
 
 
 def test_mesh_config_errors():

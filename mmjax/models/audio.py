@@ -212,11 +212,7 @@ class AudioTransformer(nn.Module):
                                self.n_mels, self.fmin, self.fmax, self.floor)
 
   def _check(self, x: jax.Array):
-    if self.pool not in POOLS:
-      raise ValueError(f'pool={self.pool!r} is not one of {POOLS}')
-    layers.check_dropout_rates(dropout=self.dropout,
-                               attn_dropout=self.attn_dropout,
-                               drop_path=self.drop_path)
+    layers.check_encoder_fields(self, POOLS)
     if x.ndim not in (2, 3):
       raise ValueError(
           f'audio encoder expects a waveform [B, T] or a spectrogram '

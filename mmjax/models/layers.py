@@ -247,6 +247,15 @@ def padding_attention_mask(valid: jax.Array, causal: bool) -> jax.Array:
   return mask
 
 
+def check_encoder_fields(encoder, pools) -> None:
+  """The fields every transformer encoder shares: `pool` among `pools`, and its
+  dropout, attention-dropout and drop-path rates in [0, 1)."""
+  if encoder.pool not in pools:
+    raise ValueError(f'pool={encoder.pool!r} is not one of {pools}')
+  check_dropout_rates(dropout=encoder.dropout, attn_dropout=encoder.attn_dropout,
+                      drop_path=encoder.drop_path)
+
+
 def check_dropout_rates(**rates):
   """Raises ValueError for a rate outside [0, 1)."""
   for name, rate in rates.items():

@@ -173,4 +173,5 @@ def build_encoder(kind: str, variant: Optional[str] = None,
   Raises:
     ValueError: see `encoder_fields`.
   """
-  return ENCODERS[kind].obj.module(**encoder_fields(kind, variant, **overrides))
+  fields = encoder_fields(kind, variant, **overrides)
+  return ENCODERS[kind].obj.module(**fields)

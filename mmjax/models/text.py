@@ -71,11 +71,7 @@ class TextTransformer(nn.Module):
     return self.width
 
   def _check(self, tokens: jax.Array):
-    if self.pool not in POOLS:
-      raise ValueError(f'pool={self.pool!r} is not one of {POOLS}')
-    layers.check_dropout_rates(dropout=self.dropout,
-                               attn_dropout=self.attn_dropout,
-                               drop_path=self.drop_path)
+    layers.check_encoder_fields(self, POOLS)
     for name in ('pad_id', 'eos_id'):
       value = getattr(self, name)
       if not 0 <= value < self.vocab_size:

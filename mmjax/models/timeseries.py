@@ -53,11 +53,7 @@ class TimeSeriesTransformer(nn.Module):
     return self.width
 
   def _check(self, x: jax.Array, mask: Optional[jax.Array]):
-    if self.pool not in POOLS:
-      raise ValueError(f'pool={self.pool!r} is not one of {POOLS}')
-    layers.check_dropout_rates(dropout=self.dropout,
-                               attn_dropout=self.attn_dropout,
-                               drop_path=self.drop_path)
+    layers.check_encoder_fields(self, POOLS)
     if x.ndim != 3:
       raise ValueError(
           f'time-series encoder expects [B, T, C]; got shape {x.shape}')

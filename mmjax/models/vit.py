@@ -62,11 +62,7 @@ class ViT(nn.Module):
     return self.width
 
   def _check(self, x: jax.Array):
-    if self.pool not in POOLS:
-      raise ValueError(f'pool={self.pool!r} is not one of {POOLS}')
-    layers.check_dropout_rates(dropout=self.dropout,
-                               attn_dropout=self.attn_dropout,
-                               drop_path=self.drop_path)
+    layers.check_encoder_fields(self, POOLS)
     if x.ndim not in (4, 5):
       raise ValueError(
           f'ViT expects images [B,H,W,C] or videos [B,T,H,W,C]; got shape '

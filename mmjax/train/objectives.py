@@ -162,7 +162,7 @@ def _combined(terms: tuple[str, ...]) -> Callable:
     weights = term_weights(objective_config, terms)
     loss, metrics = 0.0, {}
     for term in terms:
-      term_loss, term_metrics = OBJECTIVES[term](output, batch, objective_config,
+      term_loss, term_metrics = OBJECTIVES[term].obj(output, batch, objective_config,
                                                  axis_name=axis_name, step=step)
       loss = loss + weights[term] * term_loss
       metrics.update(term_metrics)
