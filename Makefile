@@ -4,6 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mmjax-installed
 TEST_XLA_FLAGS := --xla_force_host_platform_device_count=8
+# pytest-xdist workers; each test file runs whole on one worker (module fixtures once).
+TEST_WORKERS ?= 2
 
 .PHONY: train test venv clean
 
@@ -19,7 +21,7 @@ train: $(STAMP)
 	$(PY) -m mmjax.main --config=configs/default.py --workdir=runs/default
 
 test: $(STAMP)
-	XLA_FLAGS=$(TEST_XLA_FLAGS) $(PY) -m pytest -q tests
+	XLA_FLAGS=$(TEST_XLA_FLAGS) $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 clean:
 	rm -rf runs
