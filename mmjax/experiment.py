@@ -48,10 +48,10 @@ def check_config(config, mesh) -> None:
                                  data_axis_size=mesh.shape["data"])
   check_tokenizer(config)
   task = config.model.get("task")
-  num_classes = pipeline.data_info(config.data).num_classes
-  if task is not None and num_classes and task.num_classes != num_classes:
+  info = pipeline.data_info(config.data)
+  if task is not None and info.num_classes and task.num_classes != info.num_classes:
     raise ValueError(f"model.task.num_classes={task.num_classes}, but the data's label "
-                     f"({pipeline.data_info(config.data).name}) has {num_classes} classes")
+                     f"({info.name}) has {info.num_classes} classes")
 
 
 def check_tokenizer(config) -> None:

@@ -338,12 +338,6 @@ class World:
     return caption
 
 
-def shared_factors(spec: WorldSpec, a: str, b: str) -> tuple[str, ...]:
-  """The factors both modalities express: all an oracle could use to match them."""
-  ea, eb = set(spec.expresses.get(a, ())), set(spec.expresses.get(b, ()))
-  return tuple(f for f in FACTOR_NAMES if f in ea and f in eb)
-
-
 def oracle_recall_at_1(factors: np.ndarray, used: Sequence[str]) -> float:
   """Expected R@1 of an oracle that knows only the factors `used` of every sample.
 
