@@ -98,10 +98,6 @@ class FusionWithTaskHead(nn.Module):
   width: int | None = None
   modality_dropout: float = 0.0
 
-  @classmethod
-  def config_fields(cls) -> tuple[str, ...]:
-    return ("kind", "fusion_config", "task_config", "width", "modality_dropout")
-
   def setup(self):
     # Checked by `build_fusion_from_config`; here the fields only become a module.
     self.fusion = FUSION_MODULES[self.kind].obj(**dict(self.fusion_config))

@@ -9,7 +9,6 @@ which to ignore.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Mapping, Optional
 
 import flax
@@ -18,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from mmjax import align
+from mmjax import registry as registry_lib
 from mmjax.models import heads as heads_lib
 from mmjax.models import matching as matching_lib
 from mmjax.models import registry
@@ -78,7 +78,6 @@ class MultimodalModel(nn.Module):
     fusion: optional `mmjax.fusion.FusionWithTaskHead` fields (fusion kind, its
       fields, the task head's), checked by `build` from `config.model.fusion` and
       `config.model.task`.
-    task: the task-head config (`num_classes`, `kind`), kept for reference.
     matching: optional `MatchingHead` fields (a dict, may be empty), for
       GRAM's matching objective; needs two modalities or more.
   """
@@ -88,7 +87,6 @@ class MultimodalModel(nn.Module):
   logit_scale_init: float = align.CLIP_INIT_LOGIT_SCALE
   logit_bias_init: Optional[float] = None
   fusion: Optional[Mapping[str, Any]] = None
-  task: Optional[Mapping[str, Any]] = None
   matching: Optional[Mapping[str, Any]] = None
 
   @property
@@ -172,15 +170,15 @@ def build(model_config) -> MultimodalModel:
           dict(fusion), dict(task) if task else None, modalities=tuple(sorted(encoders)))
     except ValueError as e:
       raise ValueError(f"model.fusion: {e}") from None
-    fusion = {f: getattr(fused, f) for f in fusion_lib.FusionWithTaskHead.config_fields()}
+    fusion = {f: getattr(fused, f) for f in registry_lib.dataclass_fields(
+        fusion_lib.FusionWithTaskHead)}
   matching = c.get("matching")
   if matching is not None:
     if len(encoders) < 2:
       raise ValueError(f"model.matching scores an anchor against the other modalities; "
                        f"the model has only {sorted(encoders)}")
     matching = dict(matching)
-    valid = {f.name for f in dataclasses.fields(matching_lib.MatchingHead)} - {"parent",
-                                                                              "name"}
+    valid = set(registry_lib.dataclass_fields(matching_lib.MatchingHead))
     if set(matching) - valid:
       raise ValueError(f"model.matching: unknown field(s) {sorted(set(matching) - valid)}; "
                        f"valid: {sorted(valid)}")
@@ -188,5 +186,5 @@ def build(model_config) -> MultimodalModel:
       encoders=encoders, embed_dim=c.embed_dim, head=c.head,
       logit_scale_init=c.logit_scale_init,
       logit_bias_init=c.get("logit_bias_init"),
-      fusion=fusion, task=dict(task) if task is not None else None,
+      fusion=fusion,
       matching=matching)
