@@ -61,7 +61,8 @@ class Featurize:
   Strings of the `text_modalities` (the modalities whose encoder reads token ids,
   whatever their names: 'text', 'caption', 'transcript') are tokenised; every modality
   gets `mask[m] = True` here; the missingness transform (if configured) then clears
-  entries and zero-fills the absent inputs.
+  entries and zero-fills the absent inputs. A record's `length` ({modality: samples
+  before padding}) becomes `batch['length'][m]` (int32) for the modalities featurized.
   """
 
   def __init__(self, modalities: Sequence[str], text_max_len: int,
@@ -105,6 +106,10 @@ class Featurize:
       example["label"] = np.int32(record["label"])
     if "factors" in record:
       example["factors"] = np.asarray(record["factors"], np.int32)
+    lengths = {m: np.int32(n) for m, n in record.get("length", {}).items()
+               if m in self.modalities}
+    if lengths:   # true lengths of padded inputs (the TFDS source's cropped audio)
+      example["length"] = lengths
     example["index"] = np.int64(index)
     if self.missingness is not None:
       example = self.missingness(example)
@@ -240,6 +245,40 @@ def modality_count_order(source, missingness: missing_lib.Missingness | None
   return compute
 
 
+def training_reader(source, seed: int) -> Callable[[int, int], tuple[int, Any]]:
+  """`(position, index) -> (index, record)` for the training stream: the source's
+  training form (`source.train_record(index, (seed, position))`: random crops, a random
+  caption, ...) where it has one, else `source[index]`. `position` is the example's
+  place in the global stream before batching, the same on any process count, so an
+  example's augmentation is a pure function of (seed, position), and an iterator
+  restored from a checkpoint reads the same records."""
+  train_record = getattr(source, "train_record", None)
+  if train_record is None:
+    return lambda position, i: (int(i), source[int(i)])
+  return lambda position, i: (int(i), train_record(int(i), (seed, int(position))))
+
+
+def audio_sample_rate(data_config) -> int | None:
+  """The sample rate of the configured source's audio records (None: unknown)."""
+  if data_config.kind == "world":
+    return int(data_config.sample_rate)
+  from mmjax.data import tfds_source  # pylint: disable=g-import-not-at-top
+  return tfds_source.records_sample_rate(data_config)
+
+
+def check_sample_rates(data_config, encoder_rates: Mapping[str, int]) -> None:
+  """Each audio modality's encoder (`{modality: its sample_rate}`) reads audio at the
+  rate of the records; an unknown record rate is not checked."""
+  if not encoder_rates:
+    return
+  rate = audio_sample_rate(data_config)
+  for m, want in encoder_rates.items():
+    if rate is not None and int(want) != rate:
+      raise ValueError(f"model.encoders.{m}.sample_rate={want}, but the data's audio is at "
+                       f"{rate} Hz; set data.sample_rate={want} to resample it (or the "
+                       f"encoder's sample_rate to {rate})")
+
+
 def train_dataset(source, featurize: Callable, *, seed: int, global_batch_size: int,
                   process_index: int | None = None, process_count: int | None = None,
                   num_threads: int = 2, prefetch: int = 4,
@@ -254,6 +293,9 @@ def train_dataset(source, featurize: Callable, *, seed: int, global_batch_size: 
   `warmup_order` (source indices, or a function returning them, e.g.
   `modality_count_order`) in that order, cycling through it if the warm-up is longer
   than the set; the shuffled (or grouped) stream then starts from its beginning.
+
+  Records are read in their training form (`training_reader`): augmentation is drawn
+  from (seed, position in the stream), never from global state.
   """
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
@@ -277,7 +319,7 @@ def train_dataset(source, featurize: Callable, *, seed: int, global_batch_size: 
   if warmup_steps:
     ds = grain.MapDataset.source(
         WarmupIndices(warmup_order, int(warmup_steps) * global_batch_size, ds))
-  ds = ds.map(lambda i: (int(i), source[int(i)])).map(featurize)
+  ds = ds.map_with_index(training_reader(source, seed)).map(featurize)
   ds = ds.batch(local, drop_remainder=True)[process_index::process_count]
   return ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
                                               prefetch_buffer_size=prefetch))
