@@ -1,11 +1,13 @@
 """Exact cross-modal retrieval metrics, computed in query blocks.
 
-Query `i` is matched with target `i`. Every query is scored against every
-target, but never more than one `[block_size, N]` block of scores exists at a
-time (per device), so 10k x 10k retrieval fits in a few hundred MiB. With a
-`mesh`, the query blocks are spread over the devices of its 'data' axis and
-the targets are replicated; the ranks are bit-identical to `mesh=None` because
-every device runs the same block program on blocks of the same shape.
+Query `i` is matched with target `i` (several relevant targets per query, by
+group: `mmjax.evals.grouped_retrieval`, on the same block program). Every query
+is scored against every target, but never more than one `[block_size, N]` block
+of scores exists at a time (per device), so 10k x 10k retrieval fits in a few
+hundred MiB. With a `mesh`, the query blocks are spread over the devices of its
+'data' axis and the targets are replicated; the ranks are bit-identical to
+`mesh=None` because every device runs the same block program on blocks of the
+same shape.
 
 Tie rule (pessimistic): the rank of the match is the number of targets whose
 score is greater than or equal to the match's score, the match included.
@@ -110,19 +112,9 @@ def l2_normalize_rows(x: np.ndarray, name: str, where: str) -> np.ndarray:
 # --------------------------------------------------------------------------
 
 
-def _block_ranks(query_block, match_index, target_tuples, score_fn):
-  """Ranks of the matches of one query block.
-
-  Args:
-    query_block: [b, D] queries.
-    match_index: [b] int32, the target index of each query's match.
-    target_tuples: K arrays [N, D].
-    score_fn: (query_block, target_tuples) -> [b, N] scores.
-
-  Returns:
-    [b] int32 ranks, 1-based, ties counted against the query; -1 for a query
-    with a NaN score, which has no rank.
-  """
+def block_scores(query_block, target_tuples, score_fn):
+  """float32 [b, N] scores of one query block; an error for a score function of the
+  wrong shape."""
   scores = score_fn(query_block, target_tuples)
   expected = (query_block.shape[0], target_tuples[0].shape[0])
   if scores.shape != expected:
@@ -130,38 +122,55 @@ def _block_ranks(query_block, match_index, target_tuples, score_fn):
         f"score function returned shape {scores.shape} for a query block of "
         f"{query_block.shape[0]} against {expected[1]} targets; expected "
         f"[b, N] = {list(expected)}.")
-  scores = scores.astype(jnp.float32)
-  match_score = jnp.take_along_axis(scores, match_index[:, None], axis=1)
-  ranks = jnp.sum(scores >= match_score, axis=1, dtype=jnp.int32)
-  return jnp.where(jnp.any(jnp.isnan(scores), axis=1), -1, ranks)
+  return scores.astype(jnp.float32)
 
 
-def _blocks_ranks(query_blocks, match_blocks, target_tuples, score_fn):
-  """lax.map of `_block_ranks` over [nb, b, D] query blocks -> [nb, b].
+def _block_ranks(query_block, query_groups, target_groups, target_tuples, score_fn,
+                 ks):
+  """Ranks of the first relevant target of one query block (relevant: the target's
+  group is the query's; 1:1 retrieval: group i is query i and target i).
 
-  A block made only of padding (match index -1) is skipped: its ranks are 0.
+  Returns:
+    {'rank': [b] int32}: 1 + #{irrelevant j : s_j >= the best relevant score}, the
+    pessimistic position of the first relevant target; -1 for a query with a NaN
+    score, 0 for one without a relevant target.
   """
-  def one_block(qm):
-    query_block, match_index = qm
-    return jax.lax.cond(
-        match_index[0] >= 0,
-        lambda: _block_ranks(query_block, jnp.maximum(match_index, 0),
-                             target_tuples, score_fn),
-        lambda: jnp.zeros_like(match_index))
-  return jax.lax.map(one_block, (query_blocks, match_blocks))
+  del ks
+  scores = block_scores(query_block, target_tuples, score_fn)
+  relevant = query_groups[:, None] == target_groups[None, :]
+  best = jnp.max(jnp.where(relevant, scores, -jnp.inf), axis=1, keepdims=True)
+  ranks = 1 + jnp.sum((scores >= best) & ~relevant, axis=1, dtype=jnp.int32)
+  ranks = jnp.where(jnp.any(relevant, axis=1), ranks, 0)
+  return {"rank": jnp.where(jnp.any(jnp.isnan(scores), axis=1), -1, ranks)}
 
 
-@functools.partial(jax.jit, static_argnames=("score_fn", "mesh"))
-def _ranks_program(query_blocks, match_blocks, target_tuples, *, score_fn,
-                   mesh):
+def _blocks_ranks(query_blocks, group_blocks, target_groups, target_tuples, score_fn,
+                  block_fn, ks):
+  """lax.map of `block_fn` over [nb, b, D] query blocks -> {key: [nb, b, ...]}.
+
+  A block made only of padding (group -1) is skipped: its outputs are 0.
+  """
+  def one_block(qg):
+    query_block, groups = qg
+    run = lambda: block_fn(query_block, groups, target_groups, target_tuples, score_fn,
+                           ks)
+    # zeros_like of the (device-varying) groups: the branches' types must agree.
+    skip = lambda: jax.tree.map(lambda s: jnp.broadcast_to(
+        jnp.zeros_like(groups[0], dtype=s.dtype), s.shape), jax.eval_shape(run))
+    return jax.lax.cond(groups[0] >= 0, run, skip)
+  return jax.lax.map(one_block, (query_blocks, group_blocks))
+
+
+@functools.partial(jax.jit, static_argnames=("score_fn", "mesh", "block_fn", "ks"))
+def _ranks_program(query_blocks, group_blocks, target_groups, target_tuples, *,
+                   score_fn, mesh, block_fn, ks):
+  run = functools.partial(_blocks_ranks, score_fn=score_fn, block_fn=block_fn, ks=ks)
   if mesh is None:
-    return _blocks_ranks(query_blocks, match_blocks, target_tuples, score_fn)
-  per_device = jax.shard_map(
-      functools.partial(_blocks_ranks, score_fn=score_fn),
-      mesh=mesh,
-      in_specs=(P(DATA_AXIS), P(DATA_AXIS), P()),
-      out_specs=P(DATA_AXIS))
-  return per_device(query_blocks, match_blocks, target_tuples)
+    return run(query_blocks, group_blocks, target_groups, target_tuples)
+  per_device = jax.shard_map(run, mesh=mesh,
+                             in_specs=(P(DATA_AXIS), P(DATA_AXIS), P(), P()),
+                             out_specs=P(DATA_AXIS))
+  return per_device(query_blocks, group_blocks, target_groups, target_tuples)
 
 
 def _sum_cosine_score(query_block, target_tuples):
@@ -184,14 +193,18 @@ def _check_mesh(mesh, where):
 
 def _blocked_ranks(queries: np.ndarray, target_tuples: Sequence[np.ndarray],
                    score_fn: JointScoreFn, mesh, block_size: int,
-                   where: str) -> np.ndarray:
-  """Pads queries into equal blocks, runs the rank program, returns [N] ranks."""
+                   where: str, groups=None, block_fn=_block_ranks, ks=None):
+  """Pads queries into equal blocks, runs `block_fn` over them: {key: [N, ...]} host
+  arrays ('rank' at least). `groups`: (query groups [N], target groups [M]), ints >= 0;
+  None: query i's match is target i."""
   if isinstance(block_size, bool) or not isinstance(block_size, int) or (
       block_size < 1):
     raise ValueError(f"{where}: `block_size` must be a positive int, got "
                      f"{block_size!r}.")
   num_devices = _check_mesh(mesh, where)
   n, d = queries.shape
+  query_groups, target_groups = groups if groups is not None else (
+      np.arange(n), np.arange(target_tuples[0].shape[0]))
   # The block shape must not depend on the mesh, so that every device runs
   # exactly the program mesh=None runs; only the number of blocks is padded
   # (to a multiple of the device count), and padding blocks are skipped.
@@ -201,29 +214,34 @@ def _blocked_ranks(queries: np.ndarray, target_tuples: Sequence[np.ndarray],
   padded = num_blocks * block
   query_blocks = np.zeros((padded, d), np.float32)
   query_blocks[:n] = queries
-  # Padding rows have match index -1; they sit at the end, so a block is all
+  # Padding rows are in group -1; they sit at the end, so a block is all
   # padding exactly when its first row is.
-  match = np.full((padded,), -1, np.int32)
-  match[:n] = np.arange(n, dtype=np.int32)
+  group_blocks = np.full((padded,), -1, np.int32)
+  group_blocks[:n] = query_groups
   query_blocks = query_blocks.reshape(num_blocks, block, d)
-  match = match.reshape(num_blocks, block)
+  group_blocks = group_blocks.reshape(num_blocks, block)
+  target_groups = np.asarray(target_groups, np.int32)
   targets = [np.asarray(t, np.float32) for t in target_tuples]
   if mesh is not None:
     query_blocks = jax.device_put(query_blocks,
                                   NamedSharding(mesh, P(DATA_AXIS)))
-    match = jax.device_put(match, NamedSharding(mesh, P(DATA_AXIS)))
-    targets = jax.device_put(targets, NamedSharding(mesh, P()))
-  ranks = _ranks_program(query_blocks, match, targets, score_fn=score_fn,
-                         mesh=mesh)
-  if not ranks.is_fully_addressable:     # several processes: each holds only its blocks
-    ranks = multihost_utils.process_allgather(ranks, tiled=True)
-  ranks = np.asarray(ranks).reshape(-1)[:n].astype(np.int64)
-  if np.any(ranks < 1):
-    query = int(np.flatnonzero(ranks < 1)[0])
-    raise ValueError(
-        f"{where}: the score function gave NaN scores for query {query} "
-        f"(and {int(np.sum(ranks < 1)) - 1} others); ranks are undefined.")
-  return ranks
+    group_blocks = jax.device_put(group_blocks, NamedSharding(mesh, P(DATA_AXIS)))
+    target_groups, targets = jax.device_put((target_groups, targets),
+                                            NamedSharding(mesh, P()))
+  out = _ranks_program(query_blocks, group_blocks, target_groups, targets,
+                       score_fn=score_fn, mesh=mesh, block_fn=block_fn, ks=ks)
+  if not out["rank"].is_fully_addressable:   # several processes: each holds its blocks
+    out = multihost_utils.process_allgather(out, tiled=True)
+  out = {k: np.asarray(v).reshape(padded, *v.shape[2:])[:n] for k, v in out.items()}
+  ranks = out["rank"] = out["rank"].astype(np.int64)
+  for bad, why in ((ranks < 0, "the score function gave NaN scores for"),
+                   (ranks == 0, "no target is relevant to")):
+    if np.any(bad):
+      query = int(np.flatnonzero(bad)[0])
+      raise ValueError(
+          f"{where}: {why} query {query} (and {int(np.sum(bad)) - 1} others); "
+          "ranks are undefined.")
+  return out
 
 
 def retrieval_ranks(queries, targets, *, normalize: bool = True, mesh=None,
@@ -253,7 +271,7 @@ def retrieval_ranks(queries, targets, *, normalize: bool = True, mesh=None,
     queries = l2_normalize_rows(queries, "queries", where)
     targets = l2_normalize_rows(targets, "targets", where)
   return _blocked_ranks(queries, [targets], _sum_cosine_score, mesh,
-                        block_size, where)
+                        block_size, where)["rank"]
 
 
 def _check_ks(ks, n, where):
@@ -371,7 +389,7 @@ def joint_retrieval_ranks(queries, target_tuples, *,
   else:
     raise ValueError(f"{where}: `score` must be 'sum_cosine' or a callable, "
                      f"got {type(score).__name__}.")
-  return _blocked_ranks(queries, checked, score_fn, mesh, block_size, where)
+  return _blocked_ranks(queries, checked, score_fn, mesh, block_size, where)["rank"]
 
 
 def joint_retrieval_metrics(queries, target_tuples,
