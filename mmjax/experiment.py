@@ -21,6 +21,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
+from mmjax import checks
 from mmjax import models
 from mmjax.evals import evaluators as evaluators_lib
 from mmjax.data import missing as missing_lib
@@ -38,6 +39,7 @@ def check_config(config, mesh) -> None:
   produces every modality the model encodes, the global batch splits over processes
   and devices, text encoders read the tokenizer's ids, and the task head has as many
   classes as the data's label."""
+  check_run_fields(config)
   produced = pipeline.source_modalities(config.data)
   for m in model_modalities(config):
     if m not in produced:
@@ -52,6 +54,18 @@ def check_config(config, mesh) -> None:
   if task is not None and info.num_classes and task.num_classes != info.num_classes:
     raise ValueError(f"model.task.num_classes={task.num_classes}, but the data's label "
                      f"({info.name}) has {info.num_classes} classes")
+
+
+def check_run_fields(config) -> None:
+  """The run's own numbers: steps, batch, cadences (each a whole number in range)."""
+  checks.check_count("total_steps", config.total_steps)
+  checks.check_count("batch_size", config.batch_size)
+  checks.check_count("log_every_steps", config.log_every_steps)
+  checks.check_count("checkpoint_every_steps", config.checkpoint_every_steps)
+  checks.check_count("eval_every_steps", config.eval_every_steps, low=0)
+  checks.check_count("keep_checkpoints", config.keep_checkpoints)
+  checks.check_count("seed", config.seed, low=0)
+  checks.check_count("model.embed_dim", config.model.embed_dim)
 
 
 def check_tokenizer(config) -> None:

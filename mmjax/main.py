@@ -12,12 +12,15 @@ absl's logging flags is given: `--verbosity=0` (or `-v 0`; 1 and up for debug),
 from __future__ import annotations
 
 import logging
+import sys
 
 from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from mmjax.train import checkpoint as ckpt_lib
 from mmjax.train import distributed
+from mmjax.train import lock as lock_lib
 from mmjax.train import eval_mode
 from mmjax.train import trainer
 
@@ -45,6 +48,9 @@ _DISTRIBUTED_TIMEOUT = flags.DEFINE_integer(
     "coordinator and the other processes.")
 flags.mark_flags_as_required(["config", "workdir"])
 
+USER_FACING_ERRORS = (ckpt_lib.CheckpointError, ckpt_lib.IncompatibleCheckpointError,
+                      lock_lib.WorkdirInUseError, trainer.NonFiniteLossError)
+
 # Loggers of the libraries whose INFO lines would drown the run's own output.
 QUIET_LOGGERS = ("absl", "orbax", "jax", "grain", "matplotlib", "tensorflow", "tensorstore")
 # absl's logging flags: any of them on the command line keeps absl's levels as they are.
@@ -61,6 +67,23 @@ def quiet_library_logs(flag_values=flags.FLAGS) -> bool:
   return True
 
 
+def parse_flags(argv):
+  """absl's flag parsing, with one more clear error: a `--config.a.b=` override whose
+  last key the config does not hold (ml_collections raises a bare AttributeError)."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as e:
+    key = str(e).strip("'\"")
+    culprits = [a.split("=", 1)[0] for a in argv[1:]
+                if a.startswith("--config.") and a.split("=", 1)[0].split(".")[-1] == key]
+    where = culprits[0] if culprits else f"a --config override naming {key!r}"
+    sys.exit(f"FATAL Flags parsing error: {where}: the config has no key {key!r} there. "
+             "A dict-valued field whose default leaves that key out takes it in the config "
+             f"file (e.g. `c.{where.removeprefix('--config.')} = ...` in a config that "
+             "builds on yours); data.missing.rates and data.missing.mnar_rates hold a key "
+             "per modality of the data.")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -71,11 +94,20 @@ def main(argv):
       timeout_s=_DISTRIBUTED_TIMEOUT.value))
   distributed.quiet_other_processes()
   if _MODE.value == "train":
-    trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    try:
+      trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except KeyboardInterrupt:
+      sys.exit(130)          # the trainer said which checkpoint is the last finished one
+    except USER_FACING_ERRORS as e:
+      # Errors whose message says all there is to say (the workdir, the step, the
+      # fix); any other error keeps its traceback.
+      if flags.FLAGS["verbosity"].present:
+        raise
+      sys.exit(f"error: {e}")
   else:
     eval_mode.evaluate_workdir(_CONFIG.value, _WORKDIR.value,
                                checkpoint_step=_CHECKPOINT_STEP.value, evals=_EVALS.value)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

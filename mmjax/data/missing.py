@@ -23,6 +23,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from mmjax import checks
 from mmjax.data import world as world_lib
 
 KINDS = ("none", "mcar", "combination", "mnar")
@@ -44,16 +45,18 @@ class Missingness:
     if self.kind not in KINDS:
       raise ValueError(f"missing.kind: unknown kind {self.kind!r}; valid: {KINDS}")
     known = set(self.modalities)
+    # A rate of 0 (an empty table) for a modality the model does not encode changes
+    # nothing: the configs hold one per modality the data has, for the command line.
     for field, names in (("missing.rates", self.rates), ("missing.mnar_rates", self.mnar_rates)):
-      for m in names:
-        if m not in known:
-          raise ValueError(f"{field}: modality {m!r} is not among {self.modalities}")
+      for m, value in names.items():
+        if m not in known and (value != 0 if field == "missing.rates" else len(value)):
+          raise ValueError(f"{field}.{m}={value!r}: the model encodes no modality {m!r}; "
+                           f"it encodes {self.modalities}")
     for m, r in self.rates.items():
-      if not 0.0 <= r <= 1.0:
-        raise ValueError(f"missing.rates.{m} must be in [0, 1], got {r}")
+      checks.check_rate(f"data.missing.rates.{m}", r)
     for m, rs in self.mnar_rates.items():
-      if any(not 0.0 <= r <= 1.0 for r in rs):
-        raise ValueError(f"missing.mnar_rates.{m} must be rates in [0, 1], got {list(rs)}")
+      for i, r in enumerate(rs):
+        checks.check_rate(f"data.missing.mnar_rates.{m}[{i}]", r)
     if self.kind == "combination":
       if not self.combinations:
         raise ValueError("missing.combinations must list at least one combination")

@@ -37,6 +37,8 @@ import re
 
 import numpy as np
 
+from mmjax import checks
+
 FACTORS: dict[str, tuple[str, ...]] = {
     "shape": ("circle", "square", "triangle", "ring", "cross"),
     "colour": ("red", "green", "blue", "yellow", "magenta", "cyan"),
@@ -163,6 +165,9 @@ class WorldSpec:
     for m in self.noise:
       if m not in MODALITIES:
         raise ValueError(f"data.noise: unknown modality {m!r}; valid: {MODALITIES}")
+      checks.check_range(f"data.noise.{m}", self.noise[m], low=0)
+    checks.check_count("data.audio_samples", self.audio_samples)
+    checks.check_count("data.sample_rate", self.sample_rate)
     for f in self.label_factors:
       if f not in FACTORS:
         raise ValueError(f"data.label.factors: unknown factor {f!r}; valid: {FACTOR_NAMES}")
@@ -175,8 +180,7 @@ class WorldSpec:
     for split, n in self.sizes.items():
       if split not in SPLITS:
         raise ValueError(f"data.sizes: unknown split {split!r}; valid: {SPLITS}")
-      if n <= 0:
-        raise ValueError(f"data.sizes.{split} must be positive, got {n}")
+      checks.check_count(f"data.sizes.{split}", n)
 
   @classmethod
   def from_config(cls, data_config) -> "WorldSpec":

@@ -11,12 +11,27 @@ import jax.numpy as jnp
 import optax
 
 from mmjax import align
+from mmjax import checks
 
 LOGIT_SCALE_PARAM = "logit_scale"   # the model's log-scale t (mmjax.models.model)
 
 
+def check_optimizer_config(opt_config, where: str = "optimizer") -> None:
+  """Every `config.optimizer` number in its valid range, the message naming it."""
+  c = opt_config
+  checks.check_range(f"{where}.lr", c.lr, low=0, low_open=True)
+  checks.check_rate(f"{where}.min_lr_ratio", c.min_lr_ratio)
+  checks.check_count(f"{where}.warmup_steps", c.warmup_steps, low=0)
+  checks.check_range(f"{where}.weight_decay", c.weight_decay, low=0)
+  checks.check_range(f"{where}.b1", c.b1, low=0, high=1, high_open=True)
+  checks.check_range(f"{where}.b2", c.b2, low=0, high=1, high_open=True)
+  checks.check_range(f"{where}.eps", c.eps, low=0, low_open=True)
+  checks.check_range(f"{where}.clip_norm", c.clip_norm, low=0, low_open=True)
+
+
 def learning_rate_schedule(opt_config, total_steps: int) -> optax.Schedule:
   c = opt_config
+  check_optimizer_config(c)
   warmup = min(c.warmup_steps, max(total_steps - 1, 0))
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=c.lr, warmup_steps=warmup,
