@@ -45,7 +45,7 @@ def world_data(modalities=("image", "text"), **overrides) -> ml_collections.Conf
   d.tokenizer = "byte"              # or 'sentencepiece:PATH' (a .model file)
   d.label = ml_collections.ConfigDict(
       {"factors": ("shape",), "mode": "product", "num_classes": 0})
-  d.missing = missing_config()
+  d.missing = missing_config(modalities=world_lib.MODALITIES)
   # Hard negatives: training batches made of groups of `size` examples that share the
   # factors `share` (0: a plain shuffle).
   d.group_batches = ml_collections.ConfigDict({"size": 0, "share": ("colour", "size",
@@ -92,9 +92,18 @@ def tfds_data(name: str, features, *, data_dir: str | None = None,
   d.prompt_templates = ()           # zero-shot prompts ('a photo of a {}.'); (): CLIP-style
   d.image_size = 0                  # > 0: resize images to [image_size, image_size]
   d.audio_samples = 0               # > 0: crop / zero-pad waveforms to this length
+  d.image_norm = "none"             # 'none' ([0, 1]) | 'clip' | 'imagenet' | 'custom'
+  d.image_mean = ()                 # per channel, read with image_norm='custom'
+  d.image_std = ()
+  d.image_augment = False           # training: random resized crop + horizontal flip
+  d.crop_scale = (0.9, 1.0)         # the crop's fraction of the image area
+  d.crop_ratio = (3 / 4, 4 / 3)     # the crop's width / height (log-uniform)
+  d.flip_prob = 0.5                 # horizontal flip in training
+  d.sample_rate = 0                 # > 0: resample waveforms to this rate; 0: as stored
+  d.source_sample_rate = 0          # the stored rate; 0: the dataset's (its metadata)
   d.text_max_len = 72
   d.tokenizer = "byte"              # or 'sentencepiece:PATH' (a .model file)
-  d.missing = missing_config()
+  d.missing = missing_config(modalities=tuple(features))
   d.modality_warmup_steps = 0       # as in world_data
   d.num_threads = 2
   d.lock()
@@ -105,15 +114,19 @@ def tfds_data(name: str, features, *, data_dir: str | None = None,
   return d
 
 
-def missing_config(kind="none", **overrides) -> ml_collections.ConfigDict:
-  """`config.data.missing` (see `mmjax.data.missing`)."""
+def missing_config(kind="none", modalities=(), **overrides) -> ml_collections.ConfigDict:
+  """`config.data.missing` (see `mmjax.data.missing`).
+
+  `rates` and `mnar_rates` hold a key per name of `modalities` (rate 0, no table), so
+  that the command line can set one: `--config.data.missing.rates.image=0.3`.
+  """
   m = ml_collections.ConfigDict()
   m.kind = kind
-  m.rates = ml_collections.ConfigDict()
+  m.rates = ml_collections.ConfigDict({name: 0.0 for name in modalities})
   m.combinations = ()
   m.weights = ()
   m.mnar_on = "label"
-  m.mnar_rates = ml_collections.ConfigDict()
+  m.mnar_rates = ml_collections.ConfigDict({name: () for name in modalities})
   m.allow_none = False
   m.seed = 0
   for k, v in overrides.items():
@@ -184,6 +197,9 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.evals = ml_collections.ConfigDict()
   c.evals.retrieval = evaluator_config("retrieval")
+  # An evaluator that raises: 'continue' reports it, skips its metrics and trains on
+  # (checkpoints are saved); 'stop' ends the run with its error.
+  c.evals_fail = "continue"
   c.lock()
   # Keys of these two are names checked against registries and the data when the run
   # starts (a modality the data lacks, an unknown evaluator), so configs may add them.
@@ -202,7 +218,9 @@ _ZERO_SHOT_FIELDS = {"modality": "image", "text_modality": "text", "templates": 
 _PROBE_FIELDS = {"modalities": (), "representation": "embeddings", "train_split": "train",
                  "train_examples": 2048}
 EVALUATOR_FIELDS = {
-    "retrieval": _RETRIEVAL_FIELDS,
+    # relevance: 'instance' (the paired item) | 'class' (any item of the same label);
+    # all_captions: an example with several captions is matched by any of them.
+    "retrieval": dict(_RETRIEVAL_FIELDS, relevance="instance", all_captions=True),
     "joint_retrieval": dict(_RETRIEVAL_FIELDS, joint=(), score="auto"),
     "zero_shot": _ZERO_SHOT_FIELDS,
     "linear_probe": dict(_PROBE_FIELDS, val_split="validation",

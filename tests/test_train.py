@@ -156,7 +156,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
   proc.send_signal(signal.SIGTERM)
   out, _ = proc.communicate(timeout=120)
   assert proc.returncode == 0, out
-  assert "preempted: saved step" in out
+  assert "preempted (SIGTERM): saved step" in out
   manager = ckpt_lib.make_manager(workdir, read_only=True)
   assert manager.latest_step() is not None and manager.latest_step() > 0
 
@@ -210,14 +210,19 @@ def test_incompatible_checkpoint_is_refused_and_kept(tmp_path):
   assert open(os.path.join(workdir, "config.json")).read() == config_before
 
 
-def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path):
+def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
   workdir = str(tmp_path)
   trainer.train_and_evaluate(tiny_config(total_steps=4, checkpoint_every_steps=4,
                                          eval_every_steps=100), workdir)
-  poisoned = tiny_config(total_steps=10, checkpoint_every_steps=1, eval_every_steps=100)
-  poisoned.data.noise.image = float("nan")
+  to_global = trainer.pipeline.to_global
+
+  def poisoned(batch, mesh):     # every image NaN from the first step of the rerun on
+    return to_global(dict(batch, image=batch["image"] * np.float32("nan")), mesh)
+
+  monkeypatch.setattr(trainer.pipeline, "to_global", poisoned)
   with pytest.raises(trainer.NonFiniteLossError, match="at step 5.*checkpoint \\(step 4\\)"):
-    trainer.train_and_evaluate(poisoned, workdir)
+    trainer.train_and_evaluate(tiny_config(total_steps=10, checkpoint_every_steps=1,
+                                           eval_every_steps=100), workdir)
   assert ckpt_lib.make_manager(workdir, read_only=True).latest_step() == 4
 
 

@@ -30,7 +30,12 @@ def _scalar(v):
 
 
 class MetricWriter:
-  """Appends `{"step": s, name: value, ...}` to WORKDIR/metrics.jsonl and TensorBoard."""
+  """Appends `{"step": s, name: value, ...}` to WORKDIR/metrics.jsonl and TensorBoard.
+
+  Each row is one `write` of a whole line to a file opened for appending, so a row is
+  on disk whole or (a crash mid-write) as a partial last line that `read_metrics`
+  ignores and `truncate_metrics` removes.
+  """
 
   def __init__(self, workdir: str, *, tensorboard: bool = True):
     self.active = jax.process_index() == 0
@@ -50,8 +55,11 @@ class MetricWriter:
       s = _scalar(v)
       if s is not None:
         row[k] = s
-    with open(self.path, "a") as f:
-      f.write(json.dumps(row) + "\n")
+    fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+      os.write(fd, (json.dumps(row) + "\n").encode())
+    finally:
+      os.close(fd)
     if self._tb is not None:
       for k, v in row.items():
         if k != "step":
@@ -64,15 +72,38 @@ class MetricWriter:
 
 
 def read_metrics(workdir: str) -> list[dict]:
+  """The rows of WORKDIR/metrics.jsonl; a partial last line (a crash mid-write) is
+  left out, a damaged line elsewhere is an error naming it."""
   path = os.path.join(workdir, "metrics.jsonl")
   if not os.path.exists(path):
     return []
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    lines = f.read().split("\n")
+  rows = []
+  for number, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      rows.append(json.loads(line))
+    except json.JSONDecodeError as e:
+      if number == len(lines):       # no newline after it: the write was cut short
+        break
+      raise ValueError(f"{path}: line {number} is not a JSON row ({e})") from None
+  return rows
+
+
+def last_metrics(workdir: str) -> dict[str, float]:
+  """The latest value of every metric in WORKDIR/metrics.jsonl."""
+  out = {}
+  for row in read_metrics(workdir):
+    out.update({k: v for k, v in row.items() if k != "step"})
+  return out
 
 
 def truncate_metrics(workdir: str, after_step: int):
-  """Drop rows past `after_step` (a resumed run rewrites them), keeping the file valid."""
+  """Drops the rows past `after_step`, which a resumed run writes again (all rows,
+  when it starts from step 0), so the file is the log of one uninterrupted run.
+  Atomic: the kept rows go to a temporary file that replaces the old one."""
   path = os.path.join(workdir, "metrics.jsonl")
   if jax.process_index() != 0 or not os.path.exists(path):
     return

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 import time
 
 import jax
@@ -22,6 +23,7 @@ from mmjax import models
 from mmjax.data import pipeline
 from mmjax.evals import evaluators as evaluators_lib
 from mmjax.train import checkpoint as ckpt_lib
+from mmjax.train import lock as lock_lib
 from mmjax.train import logging as log_lib
 from mmjax.train import mesh as mesh_lib
 from mmjax.train import objectives
@@ -34,42 +36,67 @@ class NonFiniteLossError(FloatingPointError):
   pass
 
 
-class _Preemption:
-  """Turns SIGTERM into a request to save and stop at the next step all processes
-  agree on (with several processes, JAX's preemption sync point decides the step)."""
+class _StopSignals:
+  """Turns SIGTERM and a first Ctrl-C (SIGINT) into a request to save and stop at the
+  next step all processes agree on (with several processes, JAX's preemption sync
+  point decides the step, from SIGTERM). A second Ctrl-C raises KeyboardInterrupt at
+  once."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
-    self.requested = False
-    self._previous = None
+    self.requested = None          # the name of the first signal received
+    self._previous = {}
 
   def __enter__(self):
-    if jax.process_count() == 1:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+      for sig in self.SIGNALS:
+        self._previous[sig] = signal.signal(sig, self._handle)
     return self
 
   def _handle(self, signum, frame):
-    del signum, frame
-    self.requested = True
+    del frame
+    if self.requested and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    self.requested = signal.Signals(signum).name
 
   def reached(self, step: int) -> bool:
     if jax.process_count() > 1:
       return multihost_utils.reached_preemption_sync_point(step)
-    return self.requested
+    return self.requested is not None
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+EVALS_FAIL = ("continue", "stop")
 
 
 def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   """Trains `config` in `workdir` (resuming if it has checkpoints). Returns the final
-  metrics."""
+  metrics.
+
+  Process 0 holds the workdir's lock for the whole run (`mmjax.train.lock`): a second
+  trainer on the same workdir stops at once.
+  """
   workdir = os.path.abspath(workdir)
   mesh = mesh_lib.make_mesh(config.mesh)
   experiment.check_config(config, mesh)
+  if config.evals_fail not in EVALS_FAIL:
+    raise ValueError(f"evals_fail={config.evals_fail!r}: use one of {EVALS_FAIL}")
   objective = objectives.build(config.objective, config.model)
   evaluators = experiment.build_evaluators(config)
+  if jax.process_index() != 0:
+    return _train(config, workdir, mesh, objective, evaluators)
+  with lock_lib.WorkdirLock(workdir):
+    return _train(config, workdir, mesh, objective, evaluators)
+
+
+def _train(config, workdir, mesh, objective, evaluators) -> dict[str, float]:
   config_dict = json.loads(config.to_json_best_effort())
+  progress_write = lambda message: print(message, flush=True) if (
+      jax.process_index() == 0) else None
 
   # Data.
   featurize = experiment.make_featurize(config)
@@ -87,15 +114,23 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
                                       experiment.sample_batch(train_source, featurize),
                                       init_rng, mesh)
 
-  # Resume.
-  manager = ckpt_lib.make_manager(workdir, keep=config.keep_checkpoints)
-  start_step = manager.latest_step() or 0
-  if start_step:
-    ckpt_lib.check_compatible(manager, start_step, config_dict, workdir)
-    state = ckpt_lib.restore(manager, start_step, step_lib.abstract_state(state), data_iter)
-    log_lib.truncate_metrics(workdir, start_step)
+  # Resume: the newest intact checkpoint (damaged ones are set aside, saying so).
+  checkpoints = ckpt_lib.Checkpoints(workdir, keep=config.keep_checkpoints)
+  start_step, restored = checkpoints.restore_latest(
+      step_lib.abstract_state(state), data_iter, config_dict, report=progress_write)
+  if restored is not None:
+    state = restored
+  if start_step > config.total_steps:
+    raise ValueError(
+        f"total_steps={config.total_steps} is below step {start_step}, which the "
+        f"checkpoints in {workdir}/checkpoints reached; set total_steps >= {start_step} "
+        "to go on, or use another --workdir")
+  if start_step == config.total_steps:
+    progress_write(f"{workdir} already finished its {start_step} steps; nothing to do "
+                   "(raise total_steps to train on; --mode=eval to evaluate again)")
+    return log_lib.last_metrics(workdir)
+  log_lib.truncate_metrics(workdir, start_step)     # at every start, step 0 included
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:
       json.dump(config_dict, f, indent=2)
 
@@ -104,17 +139,26 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
       deterministic_reductions=config.deterministic_reductions)
   apply_fn = step_lib.make_apply_fn(model)
   reports: dict[str, str] = {}     # summary.md sections from evaluators (ctx.add_report)
+  failures: list[str] = []          # evaluators that raised (config.evals_fail='continue')
   data_info = pipeline.data_info(config.data)
+  writer = log_lib.MetricWriter(workdir)
+  progress = log_lib.Progress(config.total_steps, start_step, every=config.log_every_steps)
+
+  def evaluator_failed(name: str, step: int, error: Exception) -> None:
+    line = (f"evaluator {name!r} failed at step {step}, its metrics are skipped "
+            f"(evals_fail='continue'): {type(error).__name__}: {error}")
+    progress.write(line)
+    failures.append(f"- step {step}: `{name}`: {type(error).__name__}: {error}")
 
   def evaluate(step: int, force: bool = False) -> dict[str, float]:
     ctx = experiment.eval_context(
         config, workdir=workdir, mesh=mesh, featurize=featurize, step=step,
         predict=lambda batch: apply_fn(state.params, batch), reports=reports,
         data=data_info)
-    return evaluators_lib.run_evaluators(ctx, evaluators, force=force)
+    return evaluators_lib.run_evaluators(
+        ctx, evaluators, force=force,
+        on_error=evaluator_failed if config.evals_fail == "continue" else None)
 
-  writer = log_lib.MetricWriter(workdir)
-  progress = log_lib.Progress(config.total_steps, start_step, every=config.log_every_steps)
   if start_step:
     progress.write(f"resumed from step {start_step} in {workdir}")
   final_metrics: dict[str, float] = {}
@@ -124,53 +168,64 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
 
   def check_finite(step, metrics):
     if not np.isfinite(float(metrics["loss"])):
-      last = manager.latest_step()
+      checkpoints.wait()        # the message names a step whose save has finished
       raise NonFiniteLossError(
           f"non-finite loss {float(metrics['loss'])} at step {step}; stopped. The last good "
-          f"checkpoint (step {last}) is kept in {workdir}/checkpoints.")
+          f"checkpoint (step {checkpoints.latest_step()}) is kept in {workdir}/checkpoints.")
 
-  with _Preemption() as preemption:
-    step = start_step
-    for step in range(start_step + 1, config.total_steps + 1):
-      batch = pipeline.to_global(next(data_iter), mesh)
-      state, metrics = train_step(state, batch, jax.random.fold_in(step_rng, step))
-      if previous is not None:
-        check_finite(*previous)
-      previous = (step, metrics)
-      window_steps += 1
+  step = start_step
+  try:
+    with _StopSignals() as stop:
+      for step in range(start_step + 1, config.total_steps + 1):
+        batch = pipeline.to_global(next(data_iter), mesh)
+        state, metrics = train_step(state, batch, jax.random.fold_in(step_rng, step))
+        if previous is not None:
+          check_finite(*previous)
+        previous = (step, metrics)
+        window_steps += 1
 
-      is_last = step == config.total_steps
-      if step % config.log_every_steps == 0 or is_last:
-        check_finite(step, metrics)
-        elapsed = time.perf_counter() - window_start
-        row = {f"train/{k}": v for k, v in jax.device_get(metrics).items()}
-        row["train/learning_rate"] = float(schedule(step - 1))
-        row["train/steps_per_second"] = window_steps / max(elapsed, 1e-9)
-        writer.write(step, row)
-        progress.update(step, float(row["train/loss"]), row["train/steps_per_second"])
-        final_metrics.update(row)
-        window_start, window_steps = time.perf_counter(), 0
-      else:
-        progress.update(step)
+        is_last = step == config.total_steps
+        if step % config.log_every_steps == 0 or is_last:
+          check_finite(step, metrics)
+          elapsed = time.perf_counter() - window_start
+          row = {f"train/{k}": v for k, v in jax.device_get(metrics).items()}
+          row["train/learning_rate"] = float(schedule(step - 1))
+          row["train/steps_per_second"] = window_steps / max(elapsed, 1e-9)
+          writer.write(step, row)
+          progress.update(step, float(row["train/loss"]), row["train/steps_per_second"])
+          final_metrics.update(row)
+          window_start, window_steps = time.perf_counter(), 0
+        else:
+          progress.update(step)
 
-      eval_metrics = evaluate(step, force=is_last)
-      if eval_metrics:
-        writer.write(step, eval_metrics)
-        final_metrics.update(eval_metrics)
-        progress.write(_format_eval(step, eval_metrics))
+        eval_metrics = evaluate(step, force=is_last)
+        if eval_metrics:
+          writer.write(step, eval_metrics)
+          final_metrics.update(eval_metrics)
+          progress.write(_format_eval(step, eval_metrics))
 
-      preempted = preemption.reached(step)
-      if step % config.checkpoint_every_steps == 0 or is_last or preempted:
-        check_finite(step, metrics)
-        ckpt_lib.save(manager, step, state, data_iter, config_dict, force=is_last or preempted)
-      if preempted:
-        manager.wait_until_finished()
-        progress.write(f"preempted: saved step {step}; rerun the same command to resume")
-        break
-
-  manager.wait_until_finished()
-  progress.close()
-  writer.close()
+        stopping = stop.reached(step)
+        if step % config.checkpoint_every_steps == 0 or is_last or stopping:
+          check_finite(step, metrics)
+          checkpoints.save(step, state, data_iter, config_dict, force=is_last or stopping)
+        if stopping:
+          checkpoints.wait()
+          why = "interrupted" if stop.requested == "SIGINT" else "preempted"
+          progress.write(f"{why} ({stop.requested or 'sync point'}): saved step {step}; "
+                         "rerun the same command to resume")
+          break
+    checkpoints.wait()
+  except BaseException as e:
+    checkpoints.wait()   # a save in flight finishes before the error propagates
+    if isinstance(e, KeyboardInterrupt):
+      progress.write(f"interrupted at step {step}; the last finished checkpoint is step "
+                     f"{checkpoints.latest_step()}; rerun the same command to resume")
+    raise
+  finally:
+    progress.close()
+    writer.close()
+  if failures:
+    reports["Evaluators that failed"] = "\n".join(failures)
   if jax.process_index() == 0:
     summary_lib.plot_training_curves(workdir, config.name)   # also after a preemption
     if step == config.total_steps:

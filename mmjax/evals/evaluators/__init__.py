@@ -31,6 +31,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
+from mmjax import checks
 from mmjax import config_lib
 from mmjax import registry as registry_lib
 from mmjax.data import pipeline
@@ -246,6 +247,20 @@ def _check_entry(c, data: DataInfo, modalities: Sequence[str], where: str) -> No
                      "(every config.eval_every_steps) or 0 (only at the end)")
   if c.batch_size <= 0:
     raise ValueError(f"{where}.batch_size must be positive, got {c.batch_size}")
+  for field, low in _COUNT_FIELDS.items():
+    if field in c:
+      checks.check_count(f"{where}.{field}", c[field], low=low)
+  if "ks" in c:
+    for i, k in enumerate(c.ks):
+      checks.check_count(f"{where}.ks[{i}]", k)
+  if "temperature" in c:      # 0: a plain majority vote
+    checks.check_range(f"{where}.temperature", c.temperature, low=0)
+
+
+# Evaluator fields that are whole numbers, and their least value, wherever they appear
+# (plot_max_k=0: no plot).
+_COUNT_FIELDS = {"k": 1, "plot_max_k": 0, "n_bins": 1, "train_examples": 1, "steps": 1,
+                 "max_examples": 1}
 
 
 def build_evaluators(evals_config, default_every: int, *, data: DataInfo,
@@ -283,14 +298,26 @@ def build_evaluators(evals_config, default_every: int, *, data: DataInfo,
   return out
 
 
-def run_evaluators(ctx: EvalContext, evaluators: Mapping[str, tuple], *, force: bool = False
+def run_evaluators(ctx: EvalContext, evaluators: Mapping[str, tuple], *, force: bool = False,
+                   on_error: Callable[[str, int, Exception], None] | None = None
                    ) -> dict[str, float]:
-  """Runs the evaluators due at `ctx.step` (all of them with `force`)."""
+  """Runs the evaluators due at `ctx.step` (all of them with `force`).
+
+  An evaluator that raises stops the caller, unless `on_error(name, step, error)` is
+  given: then that is called, the evaluator's metrics are left out and the others run.
+  """
   metrics = {}
   for name, (fn, c, every) in evaluators.items():
     if force or (every > 0 and ctx.step % every == 0):
-      for k, v in fn(dataclasses.replace(ctx, name=name), c).items():
-        metrics[f"eval/{name}/{k}"] = float(v)
+      try:
+        results = {f"eval/{name}/{k}": float(v)
+                   for k, v in fn(dataclasses.replace(ctx, name=name), c).items()}
+      except Exception as e:  # pylint: disable=broad-except
+        if on_error is None:
+          raise
+        on_error(name, ctx.step, e)
+        continue
+      metrics.update(results)
   return metrics
 
 
