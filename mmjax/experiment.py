@@ -49,6 +49,9 @@ def check_config(config, mesh) -> None:
                                  devices_per_process=jax.local_device_count(),
                                  data_axis_size=mesh.shape["data"])
   check_tokenizer(config)
+  pipeline.check_sample_rates(config.data, {
+      m: models.encoder_fields(enc, where=f"model.encoders.{m}")["sample_rate"]
+      for m, enc in config.model.encoders.items() if enc.kind == "audio"})
   task = config.model.get("task")
   info = pipeline.data_info(config.data)
   if task is not None and info.num_classes and task.num_classes != info.num_classes:
