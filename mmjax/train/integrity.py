@@ -57,7 +57,7 @@ def write_checksums(step_dir) -> dict[str, dict[str, int]]:
                                                  "crc32": _crc32(path)}
   tmp = step_dir / (MANIFEST + ".tmp")
   tmp.write_text(json.dumps({"version": 1, "files": manifest}, indent=0))
-  tmp.rename(step_dir / MANIFEST)
+  tmp.replace(step_dir / MANIFEST)
   return manifest
 
 
