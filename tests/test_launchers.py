@@ -155,7 +155,7 @@ def resumed_run(preempted_run, tmp_path_factory, compilation_cache):
 
 
 def _preempted_step(out):
-  saved = re.search(r"preempted: saved step (\d+);", out)
+  saved = re.search(r"preempted \(SIGTERM\): saved step (\d+);", out)
   assert saved, out[-3000:]
   return int(saved.group(1))
 

@@ -211,7 +211,8 @@ def _train(config, workdir, mesh, objective, evaluators) -> dict[str, float]:
         if stopping:
           checkpoints.wait()
           why = "interrupted" if stop.requested == "SIGINT" else "preempted"
-          progress.write(f"{why} ({stop.requested or 'sync point'}): saved step {step}; "
+          # (several processes: JAX's preemption sync point, which SIGTERM triggers)
+          progress.write(f"{why} ({stop.requested or 'SIGTERM'}): saved step {step}; "
                          "rerun the same command to resume")
           break
     checkpoints.wait()
