@@ -3,7 +3,7 @@ dataset's public format, prepared with mmjax.data.prepare, read back with
 `tfds.data_source`; and each kind of bad input."""
 
 import gzip
-import io
+import itertools
 import json
 import os
 import shutil
@@ -13,6 +13,7 @@ import sys
 import wave
 import zlib
 
+import jax
 import numpy as np
 import PIL.Image
 import pytest
@@ -266,8 +267,14 @@ def coco_dir(tmp_path_factory):
   return root
 
 
-def test_coco_captions_records_equal_the_json(coco_dir, tmp_path):
-  p = prepare_lib.prepare("coco_captions", str(coco_dir), str(tmp_path))
+@pytest.fixture(scope="module")
+def coco_prepared(coco_dir, tmp_path_factory):
+  data_dir = str(tmp_path_factory.mktemp("tfds_coco"))
+  return prepare_lib.prepare("coco_captions", str(coco_dir), data_dir)
+
+
+def test_coco_captions_records_equal_the_json(coco_dir, coco_prepared):
+  p = coco_prepared
   assert p.name == "mmjax_coco_captions/objects:1.0.0"      # instances JSONs are there
   assert p.counts == {"train": 3, "validation": 2}          # unlisted images ignored
   for split, coco in (("train", "train"), ("validation", "val")):
@@ -329,7 +336,10 @@ def test_coco_captions_bad_input(coco_dir, tmp_path):
                                                 r"an image"):
     prepare_lib.prepare("coco_captions", corrupt, str(tmp_path / "d"))
   p = prepare_lib.prepare("coco_captions", corrupt, str(tmp_path / "d"), on_bad_file="skip")
-  assert p.counts == {"train": 2, "validation": 2} and len(p.skipped["train"]) == 1
+  assert p.counts == {"train": 2, "validation": 2}
+  assert p.skipped == {"train": [os.path.join(corrupt, "train2017", "000000000009.jpg")]}
+  assert "skipped 1 unreadable file(s) of train" in p.summary()
+  assert "{'train': 1}" in tfds.builder(p.name, data_dir=p.data_dir).info.description
   resized = edit("resized", lambda d, _: d["images"][0].update(width=41))
   with pytest.raises(ValueError, match=r"000000000009.jpg: decodes to width x height "
                                        r"40 x 30, but the JSON says 41 x 30"):
@@ -346,7 +356,7 @@ CLOTHO = {  # CSV split -> file name -> (rate, channels, captions)
                                                       "It rains.", "Rain.", "Wet."]),
                     "birds_02.wav": (22050, 2, ["Birds sing.", "Chirping.", "Birds.",
                                                 "Tweets.", "Song."])},
-    "validation": {"door.wav": (16000, 1, ["A door shuts.", "Slam.", "Door.", "Bang.",
+    "validation": {"door.wav": (16000, 2, ["A door shuts.", "Slam.", "Door.", "Bang.",
                                            "Shut."])},
     "evaluation": {"car.wav": (16000, 1, ["A car passes.", "Engine.", "Car.", "Vroom.",
                                           "Traffic."])},
@@ -371,18 +381,27 @@ def clotho_dir(tmp_path_factory):
   return root
 
 
-def test_audio_captions_clotho(clotho_dir, tmp_path):
-  p = prepare_lib.prepare("audio_captions", str(clotho_dir), str(tmp_path))
+@pytest.fixture(scope="module")
+def clotho_prepared(clotho_dir, tmp_path_factory):
+  data_dir = str(tmp_path_factory.mktemp("tfds_clotho"))
+  return prepare_lib.prepare("audio_captions", str(clotho_dir), data_dir)
+
+
+def test_audio_captions_clotho(clotho_dir, clotho_prepared, tmp_path):
+  p = clotho_prepared
   assert p.name == "mmjax_audio_captions/clotho:1.0.0"
   assert p.counts == {"train": 2, "validation": 1, "test": 1}
-  for split, csv_split in (("train", "development"), ("test", "evaluation")):
+  assert not p.skipped                  # several channels are mixed down, not refused
+  for split, csv_split in (("train", "development"), ("validation", "validation"),
+                           ("test", "evaluation")):
     for r in _records(p.name, p.data_dir, split):
       name = _text(r["audio_id"])
       rate, channels, captions = CLOTHO[csv_split][name]
       assert [_text(c) for c in r["captions"]] == captions
       assert r["audio"].dtype == np.int16
-      if rate == 16000:      # mono at the config's rate: sample for sample
-        np.testing.assert_array_equal(r["audio"], _clip(name, rate, 1)[:, 0])
+      if rate == 16000:      # at the config's rate: mono sample for sample, stereo averaged
+        mixed = np.rint(_clip(name, rate, channels).astype(np.float64).mean(axis=1))
+        np.testing.assert_array_equal(r["audio"], mixed.astype(np.int16))
       else:                  # 22050 Hz stereo: mixed down, resampled to 16000
         assert r["audio"].shape == (-(-(rate // 20) * 320 // 441),)
   resampled = prepare_lib.prepare("audio_captions", str(clotho_dir), str(tmp_path),
@@ -390,7 +409,7 @@ def test_audio_captions_clotho(clotho_dir, tmp_path):
   assert resampled.name == "mmjax_audio_captions/clotho_8000hz:1.0.0"
   record = _records(resampled.name, resampled.data_dir, "validation")[0]
   assert record["audio"].shape == (400,)                   # 0.05 s at 8 kHz
-  doc = tfds.builder(resampled.name, data_dir=p.data_dir).info.features["audio"]
+  doc = tfds.builder(resampled.name, data_dir=resampled.data_dir).info.features["audio"]
   assert "8000 Hz" in doc.doc.desc
 
 
@@ -459,10 +478,17 @@ def _manifest_dir(root):
   return lines
 
 
-def test_manifest_records_equal_the_lines(tmp_path):
-  root = tmp_path / "My Pairs"
+@pytest.fixture(scope="module")
+def manifest_prepared(tmp_path_factory):
+  """(manual_dir, its lines, the prepared dataset)."""
+  root = tmp_path_factory.mktemp("manifest") / "My Pairs"
   lines = _manifest_dir(root)
-  p = prepare_lib.prepare("manifest", str(root), str(tmp_path / "tfds"))
+  data_dir = str(tmp_path_factory.mktemp("tfds_manifest"))
+  return root, lines, prepare_lib.prepare("manifest", str(root), data_dir)
+
+
+def test_manifest_records_equal_the_lines(manifest_prepared, tmp_path):
+  root, lines, p = manifest_prepared
   assert p.name == "mmjax_manifest/my_pairs:1.0.0"
   assert p.counts == {"train": 3, "test": 2}
   info = tfds.builder(p.name, data_dir=p.data_dir).info
@@ -523,3 +549,144 @@ def test_manifest_bad_lines(tmp_path):
   with pytest.raises(ValueError, match=r"unknown dataset 'mnist'; expected one of "
                                        r"\['audio_captions', 'av_digits'"):
     prepare_lib.prepare("mnist", str(root), str(tmp_path / "d"))
+
+
+# --- every builder through the mmjax pipeline, and two training steps --------------
+#
+# Each case maps a builder's features to modalities. Cases with the same modalities,
+# shapes and batch keys compile the same programs, which the session's compilation
+# cache (conftest.py) then reuses: coco and the manifest's photos share one, Clotho and
+# the manifest's sounds another; av_digits' grey images make a third.
+
+CASES = {  # case -> (prepared fixture, features, label feature, splits, audio Hz)
+    "av_digits": ("digits_prepared", {"image": "image", "audio": "audio", "text": "text"},
+                  "label", {"train": "train", "test": "test[:16]"}, 8000),
+    "coco_captions": ("coco_prepared", {"image": "image", "text": "captions"}, None,
+                      {"train": "train", "test": "validation"}, None),
+    "manifest_image": ("manifest_prepared", {"image": "photo", "text": "caption"}, None,
+                       {"train": "train", "test": "test"}, None),
+    "audio_captions": ("clotho_prepared", {"audio": "audio", "text": "captions"}, None,
+                       {"train": "train", "test": "validation+test"}, 16000),
+    "manifest_audio": ("manifest_prepared", {"audio": "sound", "text": "caption"}, None,
+                       {"train": "train", "test": "test"}, 16000),
+}
+
+
+def _prepared(request, case):
+  p = request.getfixturevalue(CASES[case][0])
+  return p[2] if isinstance(p, tuple) else p      # manifest_prepared: (root, lines, p)
+
+
+def _case_data(request, case, **fields):
+  _, features, label, splits, _ = CASES[case]
+  p = _prepared(request, case)
+  sizes = {"image_size": 16} if "image" in features else {}
+  sizes.update({"audio_samples": 800} if "audio" in features else {})
+  return config_lib.tfds_data(p.name, features, data_dir=p.data_dir, label_feature=label,
+                              splits=splits, text_max_len=56, num_threads=1,
+                              **dict(sizes, **fields))
+
+
+def _batches(data, seed, steps=2):
+  from mmjax.data import pipeline  # pylint: disable=g-import-not-at-top
+  source = pipeline.make_source(data, "train")
+  featurize = pipeline.Featurize(tuple(data.features), data.text_max_len)
+  batches = iter(pipeline.train_dataset(source, featurize, seed=seed, global_batch_size=8,
+                                        process_index=0, process_count=1, num_threads=1))
+  return [next(batches) for _ in range(steps)]
+
+
+def _same(a, b):
+  return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_augmentation_shapes_and_determinism_per_seed(case, request):
+  from mmjax.data import pipeline  # pylint: disable=g-import-not-at-top
+  # Crops of half the area at least, and 32-sample windows of every clip (all longer).
+  data = _case_data(request, case, image_augment=True, crop_scale=(0.5, 1.0),
+                    audio_samples=32)
+  features = CASES[case][1]
+  source = pipeline.make_source(data, "train")
+  shapes = {"image": (16, 16, 1 if case == "av_digits" else 3), "audio": (32,)}
+  texts = source.all_texts("text")       # None unless a Sequence(Text) of captions
+  varies = {m: False for m in features}
+  for i in range(len(source)):
+    first = source[i]                    # the evaluation form
+    forms = [source.train_record(i, (7, position)) for position in range(6)]
+    for position, form in enumerate(forms):
+      assert _same(form, source.train_record(i, (7, position)))   # a function of the key
+      for m in features:
+        if m == "text":
+          assert form[m] in (texts[i] if texts is not None else (first[m],))
+        else:
+          assert form[m].shape == first[m].shape == shapes[m] and form[m].dtype == np.float32
+          if m == "audio":
+            assert form["length"]["audio"] == 32
+        varies[m] |= not np.array_equal(np.asarray(form[m]), np.asarray(forms[0][m]))
+    if texts is not None:
+      assert first["text"] == texts[i][0]     # evaluation: the first caption
+  # Crops, windows and (of several captions) the caption differ from draw to draw.
+  assert all(varies[m] for m in features if m != "text" or texts is not None), varies
+  # The stream of batches is a function of the seed.
+  batches = _batches(data, seed=3)
+  assert _same(batches, _batches(data, seed=3)) and not _same(batches, _batches(data, 4))
+  for m in features:
+    want = (8, 56) if m == "text" else (8,) + shapes[m]
+    assert batches[0][m].shape == want, (m, batches[0][m].shape)
+  # The config the prepare command prints reads the dataset as it is.
+  p = _prepared(request, case)
+  u = p.usage
+  printed = config_lib.tfds_data(p.name, u["features"], data_dir=p.data_dir,
+                                 label_feature=u.get("label"), **u["fields"])
+  record = pipeline.make_source(printed, "train")[0]
+  assert set(u["features"]) <= set(record)
+  if "captions" in u["features"].values():
+    assert isinstance(record["text"], str)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_two_training_steps(case, request, tmp_path):
+  from mmjax.train import trainer  # pylint: disable=g-import-not-at-top
+  config = config_lib.load_config(os.path.join(REPO, "tests", "configs", "tiny.py"))
+  config.data = _case_data(request, case)
+  rate = CASES[case][4]
+  # A patch stem: the tiny config's conv stem triples the compile time of every program.
+  towers = {"image": config_lib.encoder("vit", "mu", patch_size=8, width=32, depth=1,
+                                        channels=1 if case == "av_digits" else 3),
+            "text": config.model.encoders.text,
+            "audio": config_lib.encoder("audio", "mu", width=32, depth=1, num_heads=2,
+                                        sample_rate=rate or 16000, time_masks=0,
+                                        freq_masks=0)}
+  config.model.encoders = {m: towers[m] for m in config.data.features}
+  if len(config.data.features) > 2:     # CLIP pairs two; the others align to the image
+    config.objective.kind, config.objective.anchor = "pairwise", "image"
+  config.total_steps = config.checkpoint_every_steps = config.eval_every_steps = 2
+  config.evals = {"retrieval": config_lib.evaluator_config("retrieval", batch_size=16,
+                                                           ks=(1,), plot_max_k=0)}
+  metrics = trainer.train_and_evaluate(config, str(tmp_path))
+  assert np.isfinite(metrics["train/loss"]), metrics
+  for a, b in itertools.permutations(sorted(config.data.features), 2):
+    assert 0 <= metrics[f"eval/retrieval/{a}->{b}/R@1"] <= 1, metrics
+  assert os.path.isdir(tmp_path / "checkpoints" / "2")
+
+
+def test_a_version_config_or_split_not_prepared_lists_those_there(coco_prepared,
+                                                                   digits_prepared):
+  from mmjax.data import tfds_source  # pylint: disable=g-import-not-at-top
+  p = coco_prepared
+
+  def fails(name, split, match):
+    with pytest.raises(ValueError, match=match):
+      tfds_source.make_source(config_lib.tfds_data(name, {"image": "image"},
+                                                   data_dir=p.data_dir,
+                                                   splits={split: split}), split)
+
+  fails("mmjax_coco_captions/objects:2.0.0", "train",
+        r"'mmjax_coco_captions/objects:2.0.0' is not prepared .*mmjax_coco_captions/ "
+        r"holds \['objects'\]; mmjax_coco_captions/objects/ holds \['1.0.0'\]")
+  fails("mmjax_coco_captions/captions:1.0.0", "train",
+        r"is not prepared .*mmjax_coco_captions/ holds \['objects'\];")
+  fails(p.name, "test", r"has no split 'test' \(asked for 'test'\); it has "
+                        r"\['train', 'validation'\]")
+  fails(digits_prepared.name, "train", r"not prepared .*it holds \['mmjax_coco_captions'\]")

@@ -84,10 +84,10 @@ def _dir_listing(name: str, data_dir: str) -> str:
     return "the directory does not exist"
   names = sorted(n for n in os.listdir(data_dir) if n not in ("downloads",))
   listing = f"it holds {names}" if names else "it is empty"
-  base = re.split(r"[/:]", name)[0]
-  if base in names and os.path.isdir(os.path.join(data_dir, base)):
-    # The dataset is there under another version or config: say which exist.
-    listing += f"; {base}/ holds {sorted(os.listdir(os.path.join(data_dir, base)))}"
+  parts = re.split(r"[/:]", name)   # there under another config or version: say which
+  for where in ["/".join(parts[:k]) for k in range(1, len(parts) + 1)]:
+    if os.path.isdir(os.path.join(data_dir, where)):
+      listing += f"; {where}/ holds {sorted(os.listdir(os.path.join(data_dir, where)))}"
   return listing
 
 

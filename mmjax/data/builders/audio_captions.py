@@ -82,10 +82,13 @@ def make_config(manual_dir: str | None = None, *, config: str | None = None,
 
 def usage(config: AudioCaptionsConfig) -> dict:
   """How `mmjax.data.prepare` says to read the dataset."""
-  return {"features": {"audio": "audio"}, "fields": {"audio_samples": 10 * config.sample_rate},
+  return {"features": {"audio": "audio", "text": "captions"},
+          "fields": {"audio_samples": 10 * config.sample_rate},
           "notes": [f"audio_samples: 10 s at {config.sample_rate} Hz (clips are cut or "
                     "zero-padded)",
-                    "captions is a Sequence(Text), several per clip, not one text string"]}
+                    "text: captions, a Sequence(Text) of several per clip; training "
+                    "reads one at random, the retrieval evaluator all of them "
+                    "(all_captions=True)"]}
 
 
 def _rows(path: str, columns) -> list[dict]:

@@ -97,10 +97,12 @@ def make_config(manual_dir: str | None = None, *, config: str | None = None,
 def usage(config: CocoConfig) -> dict:
   """How `mmjax.data.prepare` says to read the dataset."""
   notes = ["images vary in size: image_size resizes them",
-           "captions is a Sequence(Text), several per image, not one text string"]
+           "text: captions, a Sequence(Text) of several per image; training reads one at "
+           "random, the retrieval evaluator all of them (all_captions=True)"]
   if config.objects:
     notes.append("objects: Sequence(ClassLabel) of COCO's 80 categories")
-  return {"features": {"image": "image"}, "fields": {"image_size": 224}, "notes": notes}
+  return {"features": {"image": "image", "text": "captions"}, "fields": {"image_size": 224},
+          "notes": notes}
 
 
 def _load_json(path: str) -> dict:
