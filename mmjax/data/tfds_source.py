@@ -20,11 +20,9 @@ before padding}) when `data.audio_samples` is.
 The config (`mmjax.config_lib.tfds_data`) maps modality names to feature paths, nested
 ones joined by '/':
 
-  data.name = 'my_dataset:1.0.0'
-  data.data_dir = '/data/tfds'
+  data.name, data.data_dir = 'my_dataset:1.0.0', '/data/tfds'
   data.features = {'image': 'image', 'text': 'captions/text'}
-  data.label_feature = 'label'
-  data.splits = {'train': 'train', 'test': 'test[:1000]'}   # mmjax split -> TFDS split
+  data.label_feature, data.splits = 'label', {'train': 'train', 'test': 'test[:1000]'}
 
 Everything a user can get wrong is checked when the source is built, against the
 dataset's `DatasetInfo`, with the fix in the message: a dataset that is not prepared in
@@ -73,7 +71,8 @@ def feature_paths(features) -> dict[str, Any]:
 
 
 def _prepare_hint(name: str, data_dir: str) -> str:
-  return (f"prepare it in array_record format, e.g. `tfds build {name.split(':')[0]} "
+  from mmjax.data import builders  # pylint: disable=g-import-not-at-top  (error path only)
+  return builders.prepare_hint(name, data_dir) or (f"prepare it in array_record format, e.g. `tfds build {name.split(':')[0]} "
           f"--data_dir={data_dir} --file_format=array_record`, or for a dataset of your "
           f"own, `MyBuilder(data_dir={data_dir!r}, file_format='array_record')"
           ".download_and_prepare()` (see docs/data.md)")
