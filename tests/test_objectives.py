@@ -622,6 +622,11 @@ class _StubContext:
     self.modalities = tuple(sorted(outputs["embeddings"]))
     self.data = DataInfo(name="stub")
     self.mesh, self.name, self.step, self.writes_files = None, "retrieval", 0, False
+    self._cache = {}
+
+  def source(self, split):      # a source with one text per example (no `all_texts`)
+    del split
+    return object()
 
   def outputs(self, split, batch_size):
     del split, batch_size

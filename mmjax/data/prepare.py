@@ -25,20 +25,30 @@ from absl import flags
 
 from mmjax.data import builders
 
-_MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "The dataset's files, as its "
-                                  "builder expects them (docs/data.md).")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "Where the prepared dataset is written "
-                                "(data.data_dir).")
-_CONFIG = flags.DEFINE_string("config", None, "The builder config: coco_captions "
-                              "captions|objects, audio_captions clotho|audiocaps, manifest "
-                              "a name (default: chosen by what manual_dir holds).")
-_SAMPLE_RATE = flags.DEFINE_integer("sample_rate", None, "Hz of stored audio (av_digits: "
-                                    "8000, others: 16000).")
-_SEED = flags.DEFINE_integer("seed", None, "av_digits: the seed of the image pairing.")
-_ON_BAD_FILE = flags.DEFINE_enum("on_bad_file", None, ["fail", "skip"], "An unreadable "
-                                 "image or audio file: fail naming it (default), or skip "
-                                 "it and count it.")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Prepare again over a prepared copy.")
+def define_flags(flag_values=flags.FLAGS) -> None:
+  """The command's flags; defined when it runs, not on import, so that importing this
+  module (the tests, a notebook) leaves absl's global flags to other commands (mmjax.main
+  has its own --config)."""
+  f = flag_values
+  flags.DEFINE_string("manual_dir", None, "The dataset's files, as its builder expects "
+                      "them (docs/data.md).", flag_values=f)
+  flags.DEFINE_string("data_dir", None, "Where the prepared dataset is written "
+                      "(data.data_dir).", flag_values=f)
+  flags.DEFINE_string("config", None, "The builder config: coco_captions captions|objects, "
+                      "audio_captions clotho|audiocaps, manifest a name (default: chosen by "
+                      "what manual_dir holds).", flag_values=f)
+  flags.DEFINE_integer("sample_rate", None, "Hz of stored audio (av_digits: 8000, others: "
+                       "16000).", flag_values=f)
+  flags.DEFINE_integer("seed", None, "av_digits: the seed of the image pairing.",
+                       flag_values=f)
+  flags.DEFINE_enum("on_bad_file", None, ["fail", "skip"], "An unreadable image or audio "
+                    "file: fail naming it (default), or skip it and count it.",
+                    flag_values=f)
+  flags.DEFINE_bool("overwrite", False, "Prepare again over a prepared copy.",
+                    flag_values=f)
+  flags.mark_flags_as_required(["manual_dir", "data_dir"], flag_values=f)
+
+
 OPTION_FLAGS = ("config", "sample_rate", "seed", "on_bad_file")
 
 
@@ -126,13 +136,13 @@ def main(argv):
   tfds.disable_progress_bar()          # the builders show their own, with totals
   options = {f: flags.FLAGS[f].value for f in OPTION_FLAGS if flags.FLAGS[f].present}
   try:
-    result = prepare(argv[1], _MANUAL_DIR.value, _DATA_DIR.value,
-                     overwrite=_OVERWRITE.value, **options)
+    result = prepare(argv[1], flags.FLAGS.manual_dir, flags.FLAGS.data_dir,
+                     overwrite=flags.FLAGS.overwrite, **options)
   except (FileNotFoundError, ValueError) as e:
     sys.exit(f"error: {e}")
   print(result.summary())
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["manual_dir", "data_dir"])
+  define_flags()
   app.run(main)
