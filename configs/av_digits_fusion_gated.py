@@ -13,24 +13,17 @@ two thirds of training.
 
 import os
 
-import ml_collections
-
 from mmjax import config_lib
 
 
-def _common():
+def _sibling(name):
   return config_lib.load_config_module(
-      os.path.join(os.path.dirname(os.path.abspath(__file__)), "av_digits_common.py"))
+      os.path.join(os.path.dirname(os.path.abspath(__file__)), name))
 
 
 def get_config(arg=None):
   fusion = {"kind": "gated", "entropy_per_instance": False, "curriculum_rate": 0.0}
-  c = _common().fusion_task_config("av_digits_fusion_gated", fusion, arg)
-  total = c.get_ref("total_steps")
-  c.model.fusion.entropy_coeff = ml_collections.ConfigDict({
-      "shape": "aecf", "value": 0.05, "free_steps": 0,
-      "ramp_steps": max(1, c.total_steps // 10), "total_steps": total,
-      "decay_fraction": 0.1})
-  c.model.fusion.mask_rate = ml_collections.ConfigDict({
-      "shape": "linear", "init": 0.0, "end": 0.4, "steps": max(1, 2 * c.total_steps // 3)})
+  c = _sibling("av_digits_common.py").fusion_task_config("av_digits_fusion_gated", fusion,
+                                                         arg)
+  _sibling("fusion_gated.py").set_authors_schedules(c)   # the same schedules, same shape
   return c

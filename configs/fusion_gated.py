@@ -26,10 +26,16 @@ def _common():
 def get_config(arg=None):
   fusion = {"kind": "gated", "entropy_per_instance": False, "curriculum_rate": 0.0}
   c = _common().fusion_task_config("fusion_gated", fusion, arg)
-  # The authors' training script (30 epochs: entropy_free 0, entropy_warmup 3,
-  # entropy_max 0.05, random masking p_missing 0.4 with a 20-epoch ramp), in fractions
-  # of this run's steps: a 10% ramp of the entropy coefficient, flat, cosine decay over
-  # the last 10%; the masking rate ramps to 0.4 over the first two thirds.
+  set_authors_schedules(c)
+  return c
+
+
+def set_authors_schedules(c) -> None:
+  """The authors' training script (30 epochs: entropy_free 0, entropy_warmup 3,
+  entropy_max 0.05, random masking p_missing 0.4 with a 20-epoch ramp), in fractions
+  of this run's steps: a 10% ramp of the entropy coefficient, flat, cosine decay over
+  the last 10%; the masking rate ramps to 0.4 over the first two thirds. Also used by
+  configs/av_digits_fusion_gated.py."""
   total = c.get_ref("total_steps")
   c.model.fusion.entropy_coeff = ml_collections.ConfigDict({
       "shape": "aecf", "value": 0.05, "free_steps": 0,
@@ -37,4 +43,3 @@ def get_config(arg=None):
       "decay_fraction": 0.1})
   c.model.fusion.mask_rate = ml_collections.ConfigDict({
       "shape": "linear", "init": 0.0, "end": 0.4, "steps": max(1, 2 * c.total_steps // 3)})
-  return c
