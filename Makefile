@@ -21,7 +21,7 @@ train: $(STAMP)
 	$(PY) -m mmjax.main --config=configs/default.py --workdir=runs/default
 
 test: $(STAMP)
-	XLA_FLAGS=$(TEST_XLA_FLAGS) $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
+	XLA_FLAGS=$(TEST_XLA_FLAGS) $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=30 tests
 
 clean:
 	rm -rf runs

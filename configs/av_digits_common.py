@@ -143,7 +143,8 @@ def fusion_task_config(name: str, fusion: dict, arg=None, *, train_missing: str 
   c.model.encoders = encoders(modalities)
   c.model.encoders.unlock()
   c.model.fusion = ml_collections.ConfigDict(fusion)
-  c.model.task = ml_collections.ConfigDict({"num_classes": NUM_CLASSES})
+  c.model.task = ml_collections.ConfigDict({"num_classes": NUM_CLASSES,
+                                           "unimodal_weight": 0.0})
   c.objective.kind = "task"
   c.optimizer.lr = 2e-3
   c.optimizer.warmup_steps = 100

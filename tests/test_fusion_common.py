@@ -220,3 +220,54 @@ def test_build_fusion_from_config_projects_and_adds_task_head():
     fusion.build_fusion_from_config({"kind": "mean"}, {"classes": 2})
   with pytest.raises(ValueError, match="'width' .* needs the modalities"):
     fusion.build_fusion_from_config({"kind": "mean", "width": 4})
+
+
+def test_unimodal_heads_see_features_before_dropout_and_only_present_rows():
+  feats = {"a": jnp.arange(15.0).reshape(3, 5) / 10, "b": jnp.ones((3, 7))}
+  mask = {"a": jnp.array([True, False, True]), "b": jnp.array([True, True, False])}
+  module = fusion.build_fusion_from_config(
+      {"kind": "concat", "width": 8, "modality_dropout": 0.9},
+      {"num_classes": 4, "unimodal_weight": 0.5}, modalities=["a", "b"])
+  assert module.unimodal_weight == 0.5
+  variables = module.init({"params": _key(0), "dropout": _key(1)}, feats, mask)
+  _, _, aux = module.apply(variables, feats, mask, train=True, rngs={"dropout": _key(2)})
+  heads = variables["params"]
+  for m in "ab":   # a linear head on the zero-filled encoder features, dropout or not
+    kernel, bias = (heads[f"unimodal_heads_{m}"]["out"][k] for k in ("kernel", "bias"))
+    x = np.where(np.asarray(mask[m])[:, None], feats[m], 0)
+    np.testing.assert_allclose(aux["unimodal_logits"][m], x @ kernel + bias, rtol=1e-6)
+  for bad, match in (({"unimodal_weight": -1}, "finite number >= 0"),
+                     ({"unimodal_weight": 1, "kind": "regression"}, "for kind 'classif")):
+    with pytest.raises(ValueError, match=match):
+      fusion.build_fusion_from_config({"kind": "concat"}, {"num_classes": 4, **bad},
+                                      modalities=["a", "b"])
+  with pytest.raises(ValueError, match="late fusion's heads are already one per modality"):
+    fusion.build_fusion_from_config({"kind": "late"}, {"num_classes": 2, "unimodal_weight": 1},
+                                    modalities=["a", "b"])
+
+
+def test_task_objective_adds_weighted_unimodal_losses_over_present_examples():
+  from mmjax.models.model import ModelOutput  # pylint: disable=g-import-not-at-top
+  from mmjax.train import objectives  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  labels = jnp.array([0, 1, 2, 1])
+  mask = {"a": jnp.array([True, True, False, True]), "b": jnp.array([False, True, True, True])}
+  logits = {m: jnp.asarray(rng.normal(size=(4, 3)), jnp.float32) for m in ("ab")}
+  fused = jnp.asarray(rng.normal(size=(4, 3)), jnp.float32)
+
+  def ce(x, y):
+    x = np.asarray(x, np.float64)
+    return np.log(np.exp(x).sum(-1)) - x[np.arange(len(y)), y]
+
+  out = ModelOutput(embeddings={}, features={}, logit_scale=jnp.array(1.0), logits=fused,
+                    unimodal_logits=logits, unimodal_weight=0.25)
+  loss, metrics = objectives.task_objective(out, {"label": labels, "mask": mask}, {})
+  per_modality = {m: ce(logits[m], np.asarray(labels))[np.asarray(mask[m])].mean()
+                  for m in "ab"}
+  want = ce(fused, np.asarray(labels)).mean() + 0.25 * np.mean(list(per_modality.values()))
+  np.testing.assert_allclose(loss, want, rtol=1e-5)
+  for m in "ab":
+    np.testing.assert_allclose(metrics[f"task/unimodal/{m}/cross_entropy"], per_modality[m],
+                               rtol=1e-5)
+    hits = (np.argmax(logits[m], -1) == np.asarray(labels))[np.asarray(mask[m])]
+    np.testing.assert_allclose(metrics[f"task/unimodal/{m}/accuracy"], hits.mean())

@@ -91,12 +91,18 @@ class FusionWithTaskHead(nn.Module):
     modality_dropout: in training, each present modality is dropped from the
       mask with this probability (at least one is kept; `common.modality_dropout`,
       rng stream 'dropout'), so the fusion learns to work without it.
+    unimodal_weight: if > 0, one more task head per modality on that modality's
+      encoder features (before projection and modality dropout), returned as
+      `aux['unimodal_logits']` (modality -> [B, C]); the task objective adds
+      unimodal_weight x the mean over modalities of each head's loss on the
+      examples where its modality is present (`objectives.task_objective`).
   """
   kind: str
   fusion_config: tuple = ()
   task_config: tuple | None = None
   width: int | None = None
   modality_dropout: float = 0.0
+  unimodal_weight: float = 0.0
 
   def setup(self):
     # Checked by `build_fusion_from_config`; here the fields only become a module.
@@ -107,6 +113,8 @@ class FusionWithTaskHead(nn.Module):
       self.head = TaskHead(**task)
     self.projections = (None if self.width is None else
                         {m: nn.Dense(self.width) for m in self._modalities()})
+    self.unimodal_heads = ({m: TaskHead(**task) for m in self._modalities()}
+                           if self.unimodal_weight > 0 else None)
 
   def _modalities(self):
     modalities = dict(self.fusion_config).get("modalities")
@@ -124,6 +132,10 @@ class FusionWithTaskHead(nn.Module):
     """
     names = common.modality_names(features, mask, dict(self.fusion_config).get(
         "modalities"))
+    unimodal_logits = None
+    if self.unimodal_heads is not None:   # on the data's mask, before modality dropout
+      unimodal_logits = {m: self.unimodal_heads[m](jnp.where(
+          jnp.asarray(mask[m])[:, None], features[m], 0), train=train) for m in names}
     if train and self.modality_dropout > 0:
       mask = common.modality_dropout({m: mask[m] for m in names}, self.modality_dropout,
                                      self.make_rng("dropout"))
@@ -138,6 +150,8 @@ class FusionWithTaskHead(nn.Module):
     takes_step = "step" in inspect.signature(type(self.fusion).__call__).parameters
     joint, aux = (self.fusion(features, mask, train=train, step=step) if takes_step
                   else self.fusion(features, mask, train=train))
+    if unimodal_logits is not None:
+      aux = {**aux, "unimodal_logits": unimodal_logits}
     if self.fusion.produces_task_output:
       return joint, joint, aux
     logits = None if self.head is None else self.head(joint, train=train)
@@ -154,8 +168,10 @@ def build_fusion_from_config(fusion_config: Mapping[str, Any],
     fusion_config: {'kind': ..., 'width': optional common width,
       'modality_dropout': optional training-time drop rate, **fields}.
     task_config: optional {'num_classes': C, 'kind': 'classification' |
-      'multilabel' | 'regression', 'hidden_dim', 'dropout_rate'}; for `late`
-      fusion it supplies the per-modality heads' config.
+      'multilabel' | 'regression', 'hidden_dim', 'dropout_rate',
+      'unimodal_weight'}; for `late` fusion it supplies the per-modality heads'
+      config. `unimodal_weight` (>= 0, default 0) adds the auxiliary unimodal
+      heads of `FusionWithTaskHead`, with the same head fields.
     modalities: the model's modalities (set as the fusion's `modalities`
       unless the fusion config names them).
 
@@ -183,12 +199,25 @@ def build_fusion_from_config(fusion_config: Mapping[str, Any],
     raise ValueError("fusion config 'width' (per-modality projections) needs the "
                      "modalities: pass modalities= or set fusion 'modalities'")
   task = dict(_plain(task_config)) if task_config else {}
-  unknown = sorted(set(task) - {"num_classes", "kind", "hidden_dim", "dropout_rate"})
+  fields = ["num_classes", "kind", "hidden_dim", "dropout_rate", "unimodal_weight"]
+  unknown = sorted(set(task) - set(fields))
   if unknown:
-    raise ValueError(f"task config has no field(s) {unknown}; its fields are "
-                     f"['num_classes', 'kind', 'hidden_dim', 'dropout_rate']")
+    raise ValueError(f"task config has no field(s) {unknown}; its fields are {fields}")
   if task and "num_classes" not in task:
     raise ValueError("task config needs 'num_classes'")
+  unimodal_weight = task.pop("unimodal_weight", 0.0)
+  if not (isinstance(unimodal_weight, (int, float)) and 0 <= unimodal_weight < float("inf")):
+    raise ValueError(f"task unimodal_weight must be a finite number >= 0, got "
+                     f"{unimodal_weight!r}")
+  if unimodal_weight > 0 and task.get("kind", "classification") != "classification":
+    raise ValueError(f"task unimodal_weight: the unimodal heads are trained with "
+                     f"cross-entropy, for kind 'classification'; got {task['kind']!r}")
+  if unimodal_weight > 0 and kind == "late":
+    raise ValueError("task unimodal_weight: late fusion's heads are already one per "
+                     "modality, trained on the averaged logits; set it to 0")
+  if unimodal_weight > 0 and config.get("modalities") is None:
+    raise ValueError("task unimodal_weight (one head per modality) needs the "
+                     "modalities: pass modalities= or set fusion 'modalities'")
   if kind == "late" and task:
     for field, late_field in (("num_classes", "num_classes"), ("kind", "head_kind"),
                               ("hidden_dim", "head_hidden_dim"),
@@ -200,4 +229,5 @@ def build_fusion_from_config(fusion_config: Mapping[str, Any],
     TaskHead(**task)
   return FusionWithTaskHead(kind=kind, fusion_config=tuple(sorted(config.items())),
                             task_config=tuple(sorted(task.items())) or None,
-                            width=width, modality_dropout=modality_dropout)
+                            width=width, modality_dropout=modality_dropout,
+                            unimodal_weight=float(unimodal_weight))

@@ -37,6 +37,9 @@ class ModelOutput:
   aux: auxiliary losses ('loss/...') and statistics ('stats/...') from fusion.
   matcher: the matching head (`mmjax.models.matching.Matcher`) for objectives that
     score re-paired inputs, or None without `model.matching`.
+  unimodal_logits: modality -> [B, num_classes] from the auxiliary unimodal heads
+    (`model.task.unimodal_weight` > 0), or None.
+  unimodal_weight: that weight (static), which the task objective applies.
   """
   embeddings: dict
   features: dict
@@ -46,6 +49,8 @@ class ModelOutput:
   joint: Optional[jax.Array] = None
   aux: dict = flax.struct.field(default_factory=dict)
   matcher: Optional[matching_lib.Matcher] = None
+  unimodal_logits: Optional[dict] = None
+  unimodal_weight: float = flax.struct.field(pytree_node=False, default=0.0)
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
@@ -133,7 +138,7 @@ class MultimodalModel(nn.Module):
       embeddings[m] = l2_normalize(self.heads[m](features[m]).astype(jnp.float32))
     logit_scale = jnp.exp(self.log_logit_scale)
     logit_bias = self.logit_bias if self.logit_bias_init is not None else None
-    logits = joint = None
+    logits = joint = unimodal_logits = None
     aux = {}
     if self.fusion is not None:
       for m in self.modalities:
@@ -141,6 +146,8 @@ class MultimodalModel(nn.Module):
           raise ValueError(f"fusion needs batch['mask'][{m!r}]; the mask has {sorted(mask)}")
       joint, logits, aux = self.fuse(features, {m: mask[m] for m in self.modalities},
                                      train=train, step=step)
+      aux = dict(aux)
+      unimodal_logits = aux.pop("unimodal_logits", None)
     matcher = None
     if self.matching is not None:
       if self.is_initializing():   # the head's params exist once it has run
@@ -152,7 +159,8 @@ class MultimodalModel(nn.Module):
           head=matching_lib.MatchingHead(**self.matching, parent=None))  # unbound
     return ModelOutput(embeddings=embeddings, features=features, logit_scale=logit_scale,
                        logit_bias=logit_bias, logits=logits, joint=joint, aux=aux,
-                       matcher=matcher)
+                       matcher=matcher, unimodal_logits=unimodal_logits,
+                       unimodal_weight=(self.fusion or {}).get("unimodal_weight", 0.0))
 
 
 def build(model_config) -> MultimodalModel:

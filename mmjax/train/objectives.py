@@ -48,6 +48,8 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import optax
+
 from mmjax import align
 from mmjax import collectives
 from mmjax import registry as registry_lib
@@ -313,10 +315,14 @@ def task_objective(output, batch, objective_config, *, axis_name=None, step=None
 
   loss = mean over the global batch of CE(output.logits, batch['label'])
          + every `output.aux['loss/...']` term (already weighted by the fusion module;
-           each is a local-batch statistic, averaged over devices).
+           each is a local-batch statistic, averaged over devices)
+         + with auxiliary unimodal heads (`model.task.unimodal_weight` = w > 0):
+           w x mean over modalities m of CE(output.unimodal_logits[m], label),
+           each averaged over the global batch's examples where m is present.
 
   Metrics: `task/cross_entropy`, `task/accuracy`, every aux loss under its own name and
-  every scalar `stats/...` entry of `aux` (averaged over devices).
+  every scalar `stats/...` entry of `aux` (averaged over devices); with unimodal heads
+  `task/unimodal_loss` and `task/unimodal/<m>/{cross_entropy,accuracy}`.
   """
   del objective_config
   if "label" not in batch:
@@ -336,4 +342,32 @@ def task_objective(output, batch, objective_config, *, axis_name=None, step=None
     if name.startswith("loss/"):
       loss = loss + value
     metrics[name] = value
+  if output.unimodal_logits is not None:
+    unimodal_loss, unimodal_metrics = _unimodal_losses(
+        output.unimodal_logits, labels, batch["mask"], axis_name)
+    loss = loss + output.unimodal_weight * unimodal_loss
+    metrics.update(unimodal_metrics, **{"task/unimodal_loss": unimodal_loss})
   return loss, metrics
+
+
+def _present_mean(x: jax.Array, present: jax.Array, axis_name=None) -> jax.Array:
+  """Mean of per-example x over the global batch's examples where `present`."""
+  sums = jnp.stack([jnp.sum(jnp.where(present, x, 0.0)), jnp.sum(present, dtype=x.dtype)])
+  if axis_name:
+    sums = collectives.psum(sums, axis_name)
+  return sums[0] / jnp.maximum(sums[1], 1.0)
+
+
+def _unimodal_losses(unimodal_logits, labels, mask, axis_name=None):
+  """The auxiliary unimodal heads' cross-entropy, mean over modalities, and metrics."""
+  losses, metrics = [], {}
+  for m in sorted(unimodal_logits):
+    logits = unimodal_logits[m].astype(jnp.float32)
+    present = jnp.asarray(mask[m], bool)
+    ce = _present_mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels),
+                       present, axis_name)
+    correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+    metrics[f"task/unimodal/{m}/cross_entropy"] = ce
+    metrics[f"task/unimodal/{m}/accuracy"] = _present_mean(correct, present, axis_name)
+    losses.append(ce)
+  return sum(losses) / len(losses), metrics
