@@ -174,6 +174,8 @@ class AudioTransformer(nn.Module):
     dropout, attn_dropout, drop_path: regularisation rates.
     dtype: compute dtype (params stay float32).
     remat, scan_layers: see `layers.TransformerStack`.
+    activation, ln_eps: the blocks' MLP activation and LayerNorm epsilon
+      (see `layers`).
   """
   sample_rate: int = 16000
   n_fft: int = 400
@@ -201,6 +203,8 @@ class AudioTransformer(nn.Module):
   dtype: Any = jnp.float32
   remat: bool = False
   scan_layers: bool = False
+  activation: str = 'gelu_tanh'
+  ln_eps: float = 1e-6
 
   @property
   def output_width(self) -> int:

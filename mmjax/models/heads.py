@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-HEAD_KINDS = ('linear', 'mlp')
+HEAD_KINDS = ('linear', 'mlp', 'identity')
 
 
 class ProjectionHead(nn.Module):
@@ -16,8 +16,11 @@ class ProjectionHead(nn.Module):
 
   Attributes:
     embed_dim: output width (the shared embedding space).
-    kind: 'linear' (one matrix, no bias, as in CLIP) or 'mlp'
-      (Dense -> GELU -> Dense, as in SimCLR-style heads).
+    kind: 'linear' (one matrix, no bias, as in CLIP: its `visual.proj` and
+      `text_projection`), 'mlp' (Dense -> GELU -> Dense, as in SimCLR-style
+      heads) or 'identity' (no parameters: the features already have width
+      `embed_dim`, as in SigLIP, whose image tower has no projection and whose
+      text tower carries its own, `TextTransformer.proj_dim`).
     hidden_dim: hidden width of the 'mlp' head (None: the input width).
     dropout: dropout on the hidden layer of the 'mlp' head.
     dtype: compute dtype (params stay float32).
@@ -40,6 +43,13 @@ class ProjectionHead(nn.Module):
       raise ValueError(
           f'ProjectionHead expects features [B, F]; got shape '
           f'{features.shape}')
+    if self.kind == 'identity':
+      if features.shape[-1] != self.embed_dim:
+        raise ValueError(
+            f"projection head kind 'identity' needs features of width embed_dim="
+            f'{self.embed_dim}; got width {features.shape[-1]} (set the '
+            f"encoder's output width, or use head 'linear')")
+      return features.astype(self.dtype)
     if self.kind == 'linear':
       return nn.Dense(self.embed_dim, use_bias=False, dtype=self.dtype,
                       name='proj')(features)

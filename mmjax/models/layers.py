@@ -1,7 +1,11 @@
 """Transformer building blocks shared by every mmjax encoder.
 
 All blocks are pre-LayerNorm (as in ViT, CLIP and AST). Compute runs in
-`dtype` (e.g. bfloat16) while parameters stay in float32.
+`dtype` (e.g. bfloat16) while parameters stay in float32. The MLP activation
+(`ACTIVATIONS`) and the LayerNorm epsilon are fields, so that a block computes
+exactly what a published checkpoint was trained with: the defaults
+('gelu_tanh', 1e-6) are big_vision's; timm's ViTs use 'gelu' (exact erf) and
+1e-6, OpenAI's CLIP 'quick_gelu' and 1e-5.
 
 The block stack (`TransformerStack`) has two performance switches:
 
@@ -29,6 +33,27 @@ DENSE_INIT = nn.initializers.xavier_uniform()
 BIAS_INIT = nn.initializers.normal(stddev=1e-6)
 
 
+def quick_gelu(x: jax.Array) -> jax.Array:
+  """x * sigmoid(1.702 x), the GELU approximation OpenAI's CLIP was trained with."""
+  return x * jax.nn.sigmoid(1.702 * x)
+
+
+# name -> function: 'gelu' is the exact (erf) GELU, 'gelu_tanh' its tanh
+# approximation (flax's `nn.gelu` default), 'quick_gelu' OpenAI CLIP's.
+ACTIVATIONS = {
+    'gelu': lambda x: nn.gelu(x, approximate=False),
+    'gelu_tanh': lambda x: nn.gelu(x, approximate=True),
+    'quick_gelu': quick_gelu,
+}
+
+
+def activation_fn(name: str):
+  """The function of an activation name; an unknown name lists the valid ones."""
+  if name not in ACTIVATIONS:
+    raise ValueError(f'activation={name!r} is not one of {tuple(ACTIVATIONS)}')
+  return ACTIVATIONS[name]
+
+
 def drop_path(x: jax.Array, rate, rng: jax.Array) -> jax.Array:
   """Stochastic depth: zeroes whole examples of a residual branch.
 
@@ -50,17 +75,18 @@ def drop_path(x: jax.Array, rate, rng: jax.Array) -> jax.Array:
 
 
 class MlpBlock(nn.Module):
-  """Two-layer GELU MLP: [..., D] -> [..., mlp_dim] -> [..., D]."""
+  """Two-layer MLP: [..., D] -> [..., mlp_dim] -> [..., D], `activation` between."""
   mlp_dim: int
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
+  activation: str = 'gelu_tanh'
 
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
     width = x.shape[-1]
     y = nn.Dense(self.mlp_dim, dtype=self.dtype, kernel_init=DENSE_INIT,
                  bias_init=BIAS_INIT, name='fc1')(x)
-    y = nn.gelu(y)
+    y = activation_fn(self.activation)(y)
     y = nn.Dropout(self.dropout)(y, deterministic=deterministic)
     return nn.Dense(width, dtype=self.dtype, kernel_init=DENSE_INIT,
                     bias_init=BIAS_INIT, name='fc2')(y)
@@ -78,6 +104,8 @@ class EncoderBlock(nn.Module):
     deterministic: disables dropout and stochastic depth (eval mode).
     scanned: return `(x, None)` as `nn.scan` expects a (carry, out) pair.
     dtype: compute dtype.
+    activation: the MLP's activation (`ACTIVATIONS`).
+    ln_eps: epsilon of both LayerNorms.
   """
   num_heads: int
   mlp_dim: int
@@ -87,6 +115,8 @@ class EncoderBlock(nn.Module):
   deterministic: bool = True
   scanned: bool = False
   dtype: Dtype = jnp.float32
+  activation: str = 'gelu_tanh'
+  ln_eps: float = 1e-6
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: Optional[jax.Array], rate):
@@ -101,7 +131,7 @@ class EncoderBlock(nn.Module):
     Returns:
       [B, L, D] (or `([B, L, D], None)` when `scanned`).
     """
-    y = nn.LayerNorm(dtype=self.dtype, name='ln_attn')(x)
+    y = nn.LayerNorm(self.ln_eps, dtype=self.dtype, name='ln_attn')(x)
     y = nn.MultiHeadDotProductAttention(
         num_heads=self.num_heads, dtype=self.dtype, kernel_init=DENSE_INIT,
         dropout_rate=self.attn_dropout, name='attn')(
@@ -111,9 +141,9 @@ class EncoderBlock(nn.Module):
       y = drop_path(y, rate, self.make_rng('dropout'))
     x = x + y
 
-    y = nn.LayerNorm(dtype=self.dtype, name='ln_mlp')(x)
-    y = MlpBlock(self.mlp_dim, self.dropout, self.dtype, name='mlp')(
-        y, self.deterministic)
+    y = nn.LayerNorm(self.ln_eps, dtype=self.dtype, name='ln_mlp')(x)
+    y = MlpBlock(self.mlp_dim, self.dropout, self.dtype, self.activation,
+                 name='mlp')(y, self.deterministic)
     y = nn.Dropout(self.dropout)(y, deterministic=self.deterministic)
     if self.use_drop_path and not self.deterministic:
       y = drop_path(y, rate, self.make_rng('dropout'))
@@ -133,6 +163,8 @@ class TransformerStack(nn.Module):
     dtype: compute dtype (params stay float32).
     remat: recompute each block's activations in the backward pass.
     scan_layers: one `nn.scan` over the blocks (flat compile time in depth).
+    activation, ln_eps: the blocks' MLP activation and LayerNorm epsilon (also
+      the final LayerNorm's).
   """
   depth: int
   num_heads: int
@@ -143,6 +175,8 @@ class TransformerStack(nn.Module):
   dtype: Dtype = jnp.float32
   remat: bool = False
   scan_layers: bool = False
+  activation: str = 'gelu_tanh'
+  ln_eps: float = 1e-6
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None, *,
@@ -158,7 +192,8 @@ class TransformerStack(nn.Module):
     block_kwargs = dict(
         num_heads=self.num_heads, mlp_dim=self.mlp_dim, dropout=self.dropout,
         attn_dropout=self.attn_dropout, use_drop_path=self.drop_path > 0,
-        deterministic=not train, dtype=self.dtype)
+        deterministic=not train, dtype=self.dtype, activation=self.activation,
+        ln_eps=self.ln_eps)
     rates = np.linspace(0.0, self.drop_path, self.depth, dtype=np.float32)
     if self.scan_layers:
       scanned = nn.scan(
@@ -171,21 +206,23 @@ class TransformerStack(nn.Module):
       for i in range(self.depth):
         x = block_cls(name=f'block_{i}', **block_kwargs)(
             x, mask, float(rates[i]))
-    return nn.LayerNorm(dtype=self.dtype, name='encoder_norm')(x)
+    return nn.LayerNorm(self.ln_eps, dtype=self.dtype, name='encoder_norm')(x)
 
 
 def encoder_stack(encoder: nn.Module, x: jax.Array, mask=None, *,
                   train: bool) -> jax.Array:
   """The `TransformerStack` of an encoder module, built from its own fields
   (depth, num_heads, mlp_dim or 4 * width, dropout rates, dtype, remat,
-  scan_layers) and named 'encoder'. Call it inside the encoder's compact
-  `__call__`, so the stack is the encoder's submodule."""
+  scan_layers, activation and ln_eps when it has them) and named 'encoder'.
+  Call it inside the encoder's compact `__call__`, so the stack is the
+  encoder's submodule."""
   return TransformerStack(
       depth=encoder.depth, num_heads=encoder.num_heads,
       mlp_dim=encoder.mlp_dim or 4 * encoder.width, dropout=encoder.dropout,
       attn_dropout=encoder.attn_dropout, drop_path=encoder.drop_path,
       dtype=encoder.dtype, remat=encoder.remat, scan_layers=encoder.scan_layers,
-      name='encoder')(x, mask, train=train)
+      activation=getattr(encoder, 'activation', 'gelu_tanh'),
+      ln_eps=getattr(encoder, 'ln_eps', 1e-6), name='encoder')(x, mask, train=train)
 
 
 def pool_tokens(encoder: nn.Module, x: jax.Array, valid=None) -> jax.Array:
@@ -198,7 +235,8 @@ def pool_tokens(encoder: nn.Module, x: jax.Array, valid=None) -> jax.Array:
     out = x.mean(axis=1) if valid is None else masked_mean(x, valid)
   else:
     out = MAPHead(encoder.num_heads, encoder.mlp_dim or 4 * encoder.width,
-                  encoder.dtype, name='map_head')(x, valid)
+                  encoder.dtype, getattr(encoder, 'activation', 'gelu_tanh'),
+                  getattr(encoder, 'ln_eps', 1e-6), name='map_head')(x, valid)
   return out.astype(jnp.float32)
 
 
@@ -211,6 +249,8 @@ class MAPHead(nn.Module):
   num_heads: int
   mlp_dim: int
   dtype: Dtype = jnp.float32
+  activation: str = 'gelu_tanh'
+  ln_eps: float = 1e-6
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None
@@ -224,8 +264,9 @@ class MAPHead(nn.Module):
     y = nn.MultiHeadDotProductAttention(
         num_heads=self.num_heads, dtype=self.dtype, kernel_init=DENSE_INIT,
         name='attn')(probe, x, mask=attn_mask, deterministic=True)
-    z = nn.LayerNorm(dtype=self.dtype, name='ln')(y)
-    y = y + MlpBlock(self.mlp_dim, dtype=self.dtype, name='mlp')(z, True)
+    z = nn.LayerNorm(self.ln_eps, dtype=self.dtype, name='ln')(y)
+    y = y + MlpBlock(self.mlp_dim, dtype=self.dtype, activation=self.activation,
+                     name='mlp')(z, True)
     return y[:, 0]
 
 
@@ -248,10 +289,15 @@ def padding_attention_mask(valid: jax.Array, causal: bool) -> jax.Array:
 
 
 def check_encoder_fields(encoder, pools) -> None:
-  """The fields every transformer encoder shares: `pool` among `pools`, and its
-  dropout, attention-dropout and drop-path rates in [0, 1)."""
+  """The fields every transformer encoder shares: `pool` among `pools`, its
+  dropout, attention-dropout and drop-path rates in [0, 1), its activation
+  name and a positive LayerNorm epsilon."""
   if encoder.pool not in pools:
     raise ValueError(f'pool={encoder.pool!r} is not one of {pools}')
+  activation_fn(getattr(encoder, 'activation', 'gelu_tanh'))
+  eps = getattr(encoder, 'ln_eps', 1e-6)
+  if not eps > 0:
+    raise ValueError(f'ln_eps={eps} must be > 0')
   check_dropout_rates(dropout=encoder.dropout, attn_dropout=encoder.attn_dropout,
                       drop_path=encoder.drop_path)
 
@@ -307,7 +353,8 @@ def extract_patches(x: jax.Array, kernel: tuple[int, ...], strides: tuple[int, .
 
 class Conv(nn.Module):
   """A strided convolution with `nn.Conv`'s parameters ('kernel' [*kernel_size, C, F],
-  'bias' [F]) and initialisers, computed as patch extraction and one einsum.
+  'bias' [F] unless `use_bias=False`) and initialisers, computed as patch extraction
+  and one einsum.
 
   The same function as `nn.Conv`; written this way because XLA's CPU convolution
   sums its backward pass in an order that depends on the size of the host's thread
@@ -320,6 +367,7 @@ class Conv(nn.Module):
   strides: Optional[tuple[int, ...]] = None
   padding: str = "SAME"
   dtype: Dtype = jnp.float32
+  use_bias: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -327,7 +375,10 @@ class Conv(nn.Module):
     strides = tuple(self.strides or (1,) * len(kernel_size))
     kernel = self.param("kernel", nn.initializers.lecun_normal(),
                         kernel_size + (x.shape[-1], self.features), jnp.float32)
-    bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
     patches = extract_patches(x.astype(self.dtype), kernel_size, strides, self.padding)
     kernel = kernel.reshape(-1, x.shape[-1], self.features).astype(self.dtype)
-    return jnp.einsum("...kc,kcf->...f", patches, kernel) + bias.astype(self.dtype)
+    y = jnp.einsum("...kc,kcf->...f", patches, kernel)
+    if not self.use_bias:
+      return y
+    bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+    return y + bias.astype(self.dtype)

@@ -5,6 +5,13 @@ L) and CLIP's text towers (B, L); 'mu' is a micro size for minutes-long CPU
 training on 32x32 images and short byte-level captions. A ViT variant may
 carry its patch size after a slash ('B/16'); `build_encoder('vit', 'B')`
 uses patch 16.
+
+Published models have their own variants, which also set what their blocks
+compute (activation, LayerNorm epsilon, pooling, CLIP's pre-norm and
+bias-free patch embedding), so that their checkpoints load and give the same
+numbers (`mmjax.pretrained`, docs/pretrained.md): `vit` 'clip_vit_b32',
+'clip_vit_b16', 'clip_vit_l14', 'timm_vit_s16', 'timm_vit_b16', 'siglip_b16';
+`text` 'clip_text_b', 'clip_text_l', 'siglip_text_b16'.
 """
 import dataclasses
 from typing import Any, Dict, Optional
@@ -14,6 +21,7 @@ import jax.numpy as jnp
 
 from mmjax import registry as registry_lib
 from mmjax.models import audio as audio_lib
+from mmjax.models import bert as bert_lib
 from mmjax.models import mlp as mlp_lib
 from mmjax.models import text as text_lib
 from mmjax.models import timeseries as timeseries_lib
@@ -29,6 +37,32 @@ _VIT_SIZES = {
     'L': dict(width=1024, depth=24, num_heads=16),
 }
 
+# OpenAI's CLIP image towers (Radford et al. 2021; open_clip's ViT-B-32,
+# ViT-B-16, ViT-L-14 configs, at 224 px): QuickGELU as OpenAI trained them
+# (open_clip's non-quickgelu models need activation='gelu'), LayerNorm eps 1e-5,
+# class token, ln_pre, bias-free patch embedding; the bias-free projection
+# (`visual.proj`) is the model's 'linear' head.
+_CLIP_VIT = dict(activation='quick_gelu', ln_eps=1e-5, pool='cls',
+                 pre_norm=True, patch_bias=False)
+# timm's ImageNet ViTs (vit_small/base_patch16_224): exact GELU, eps 1e-6,
+# class-token pooling of the final LayerNorm's output (the classifier head is
+# not part of the encoder).
+_TIMM_VIT = dict(activation='gelu', ln_eps=1e-6, pool='cls', patch_size=16)
+_VIT_SIZES.update({
+    'clip_vit_b32': dict(width=768, depth=12, num_heads=12, patch_size=32,
+                         **_CLIP_VIT),
+    'clip_vit_b16': dict(width=768, depth=12, num_heads=12, patch_size=16,
+                         **_CLIP_VIT),
+    'clip_vit_l14': dict(width=1024, depth=24, num_heads=16, patch_size=14,
+                         **_CLIP_VIT),
+    'timm_vit_s16': dict(width=384, depth=12, num_heads=6, **_TIMM_VIT),
+    'timm_vit_b16': dict(width=768, depth=12, num_heads=12, **_TIMM_VIT),
+    # big_vision's SigLIP B/16 image tower (Zhai et al. 2023) at 224 px: no class
+    # token, attention pooling (MAP head), tanh GELU, eps 1e-6, no projection.
+    'siglip_b16': dict(width=768, depth=12, num_heads=12, patch_size=16,
+                       pool='map', activation='gelu_tanh', ln_eps=1e-6),
+})
+
 # Text towers: CLIP's B and L (vocabulary 49,408 and 77 positions), and the
 # micro size for the byte tokenizer (vocabulary 259).
 _TEXT_SIZES = {
@@ -37,6 +71,24 @@ _TEXT_SIZES = {
     'B': dict(width=512, depth=12, num_heads=8, vocab_size=49408, max_len=77),
     'L': dict(width=768, depth=12, num_heads=12, vocab_size=49408, max_len=77),
 }
+
+# CLIP's text towers (OpenAI's BPE: vocabulary 49,408, 77 positions, eos
+# 49407 the largest id): causal, pooled at the largest id, no padding mask,
+# QuickGELU, eps 1e-5; `text_projection` is the model's 'linear' head.
+# SigLIP B/16's (big_vision; SentencePiece vocabulary 32,000, 64 positions):
+# bidirectional, every token attended, pooled at the final position, tanh
+# GELU, eps 1e-6, a biased projection to the 768-wide embedding.
+_CLIP_TEXT = dict(vocab_size=49408, max_len=77, causal=True, pool='argmax',
+                  mask_padding=False, activation='quick_gelu', ln_eps=1e-5,
+                  eos_id=49407)
+_TEXT_SIZES.update({
+    'clip_text_b': dict(width=512, depth=12, num_heads=8, **_CLIP_TEXT),
+    'clip_text_l': dict(width=768, depth=12, num_heads=12, **_CLIP_TEXT),
+    'siglip_text_b16': dict(width=768, depth=12, num_heads=12, vocab_size=32000,
+                            max_len=64, causal=False, pool='final',
+                            mask_padding=False, activation='gelu_tanh',
+                            ln_eps=1e-6, proj_dim=768, proj_bias=True, eos_id=1),
+})
 
 # AST (Gong et al. 2021) is a DeiT-B over 128 mel bins and 16x16 patches;
 # the micro size uses 64 mel bins and 8x8 patches.
@@ -54,6 +106,13 @@ _TIMESERIES_SIZES = {
     'mu': dict(width=128, depth=2, num_heads=4),
     'S': dict(width=384, depth=12, num_heads=6),
     'B': dict(width=768, depth=12, num_heads=12),
+}
+
+# BERT-family towers (`mmjax.models.bert`): all-MiniLM-L6-v2's config.json (a
+# 6-layer, 384-wide uncased WordPiece BERT; sentence-transformers pool it by the mean).
+_BERT_SIZES = {
+    'minilm_l6': dict(width=384, depth=6, num_heads=12, mlp_dim=1536, vocab_size=30522,
+                      max_len=512, type_vocab_size=2, pad_id=0, eos_id=102),
 }
 
 _MLP_SIZES = {
@@ -88,6 +147,8 @@ for _kind, _spec in {
     'text': EncoderSpec(
         module=text_lib.TextTransformer, sizes=_TEXT_SIZES,
         default_variant='mu'),
+    'bert': EncoderSpec(
+        module=bert_lib.BertEncoder, sizes=_BERT_SIZES, default_variant='minilm_l6'),
     'audio': EncoderSpec(
         module=audio_lib.AudioTransformer, sizes=_AUDIO_SIZES,
         default_variant='mu'),
@@ -98,6 +159,10 @@ for _kind, _spec in {
         module=mlp_lib.TabularMLP, sizes=_MLP_SIZES, default_variant='mu'),
 }.items():
   ENCODERS.register(_kind, _spec, registry_lib.dataclass_fields(_spec.module))
+
+
+# Kinds whose encoder reads token ids: the data tokenises its strings for them.
+TEXT_KINDS = ('text', 'bert')
 
 
 def variant_config(kind: str, variant: Optional[str] = None

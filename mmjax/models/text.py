@@ -13,6 +13,13 @@ known at trace time; there an out-of-vocabulary id (negative ones included,
 which an embedding lookup would otherwise wrap to the end of the table)
 turns its example's features into NaN, which the trainer's non-finite check
 reports, instead of silently reading another token's embedding.
+
+Published text towers: CLIP's is causal, pools the position of the largest
+token id (`pool='argmax'`: its eos, 49407, is the largest id) and attends to
+every earlier token, padding included (`mask_padding=False`; causal attention
+keeps what follows the eos out of it); SigLIP's is bidirectional, attends to
+every token and pools the final position (`pool='final'`), then projects with
+a biased matrix (`proj_dim`, `proj_bias`).
 """
 from typing import Any
 
@@ -23,7 +30,7 @@ import numpy as np
 
 from mmjax.models import layers
 
-POOLS = ('eos', 'last', 'first', 'mean')
+POOLS = ('eos', 'last', 'first', 'mean', 'argmax', 'final')
 
 
 def valid_tokens(tokens: jax.Array, pad_id: int, eos_id: int) -> jax.Array:
@@ -43,11 +50,21 @@ class TextTransformer(nn.Module):
     mlp_dim: MLP hidden width (None: 4 * width).
     causal: causal attention (CLIP) or bidirectional.
     pool: 'eos'/'last' (the last valid token, i.e. the first eos when the
-      sequence has one), 'first' (position 0) or 'mean' (over valid tokens).
+      sequence has one), 'first' (position 0), 'mean' (over valid tokens),
+      'argmax' (the first position of the largest token id: OpenAI's CLIP) or
+      'final' (the last position, L - 1, whatever it holds: SigLIP).
     pad_id, eos_id: token conventions (see the module docstring).
     dropout, attn_dropout, drop_path: regularisation rates.
     dtype: compute dtype (params stay float32).
     remat, scan_layers: see `layers.TransformerStack`.
+    activation, ln_eps: the blocks' MLP activation and LayerNorm epsilon
+      (see `layers`; CLIP: 'quick_gelu' and 1e-5).
+    mask_padding: True: padding and what follows the first eos are masked out
+      of attention and pooling; False: every token is valid (what CLIP and
+      SigLIP compute; `pad_id` and `eos_id` are then unused).
+    proj_dim: when set, a Dense layer ('head') maps the pooled token to this
+      width (SigLIP's text head); the output width is then `proj_dim`.
+    proj_bias: that layer has a bias.
   """
   vocab_size: int = 259
   max_len: int = 128
@@ -65,10 +82,15 @@ class TextTransformer(nn.Module):
   dtype: Any = jnp.float32
   remat: bool = False
   scan_layers: bool = False
+  activation: str = 'gelu_tanh'
+  ln_eps: float = 1e-6
+  mask_padding: bool = True
+  proj_dim: Any = None
+  proj_bias: bool = False
 
   @property
   def output_width(self) -> int:
-    return self.width
+    return self.proj_dim or self.width
 
   def _check(self, tokens: jax.Array):
     layers.check_encoder_fields(self, POOLS)
@@ -113,7 +135,10 @@ class TextTransformer(nn.Module):
     """
     self._check(tokens)
     length = tokens.shape[1]
-    valid = valid_tokens(tokens, self.pad_id, self.eos_id)
+    if self.mask_padding:
+      valid = valid_tokens(tokens, self.pad_id, self.eos_id)
+    else:
+      valid = jnp.ones(tokens.shape, bool)
     x = nn.Embed(self.vocab_size, self.width,
                  embedding_init=nn.initializers.normal(stddev=0.02),
                  dtype=self.dtype, name='token_embedding')(tokens)
@@ -134,6 +159,14 @@ class TextTransformer(nn.Module):
       out = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
     elif self.pool == 'first':
       out = x[:, 0]
+    elif self.pool == 'argmax':
+      out = jnp.take_along_axis(
+          x, jnp.argmax(tokens, axis=1)[:, None, None], axis=1)[:, 0]
+    elif self.pool == 'final':
+      out = x[:, -1]
     else:
       out = layers.masked_mean(x, valid)
+    if self.proj_dim:
+      out = nn.Dense(self.proj_dim, use_bias=self.proj_bias, dtype=self.dtype,
+                     kernel_init=layers.DENSE_INIT, name='head')(out)
     return out.astype(jnp.float32)

@@ -31,6 +31,8 @@ class TimeSeriesTransformer(nn.Module):
     dropout, attn_dropout, drop_path: regularisation rates.
     dtype: compute dtype (params stay float32).
     remat, scan_layers: see `layers.TransformerStack`.
+    activation, ln_eps: the blocks' MLP activation and LayerNorm epsilon
+      (see `layers`).
   """
   channels: int = 1
   max_len: int = 512
@@ -47,6 +49,8 @@ class TimeSeriesTransformer(nn.Module):
   dtype: Any = jnp.float32
   remat: bool = False
   scan_layers: bool = False
+  activation: str = 'gelu_tanh'
+  ln_eps: float = 1e-6
 
   @property
   def output_width(self) -> int:

@@ -4,6 +4,11 @@ Images are cut into non-overlapping p x p patches; videos into t x p x p
 tubelets (ViViT's tubelet embedding). Tokens get a learned position
 embedding and go through a pre-LN transformer; the output is one pooled
 feature vector per example.
+
+The fields that published image towers differ in: `activation` and `ln_eps`
+(see `layers`), `patch_bias` (CLIP's patch embedding has no bias), `pre_norm`
+(CLIP's LayerNorm before the blocks), `pool` ('cls' with a class token for
+CLIP and timm's classifiers, 'map' without one for SigLIP).
 """
 from typing import Any
 
@@ -40,6 +45,12 @@ class ViT(nn.Module):
     drop_path: stochastic-depth rate of the last block (linear from 0).
     dtype: compute dtype (params stay float32).
     remat, scan_layers: see `layers.TransformerStack`.
+    activation: the blocks' MLP activation: 'gelu_tanh' (default, big_vision),
+      'gelu' (exact; timm) or 'quick_gelu' (OpenAI's CLIP).
+    ln_eps: epsilon of every LayerNorm (1e-6; CLIP's is 1e-5).
+    patch_bias: the patch embedding has a bias (CLIP's has none).
+    pre_norm: a LayerNorm ('pre_norm') on the tokens, after the position
+      embedding and before the blocks (CLIP's ln_pre).
   """
   width: int = 128
   depth: int = 2
@@ -56,6 +67,10 @@ class ViT(nn.Module):
   dtype: Any = jnp.float32
   remat: bool = False
   scan_layers: bool = False
+  activation: str = 'gelu_tanh'
+  ln_eps: float = 1e-6
+  patch_bias: bool = True
+  pre_norm: bool = False
 
   @property
   def output_width(self) -> int:
@@ -120,7 +135,7 @@ class ViT(nn.Module):
     else:
       kernel = (p, p) if x.ndim == 4 else (self.tubelet, p, p)
       x = layers.Conv(self.width, kernel, strides=kernel, padding='VALID',
-                      dtype=self.dtype, name='embedding')(x)
+                      dtype=self.dtype, use_bias=self.patch_bias, name='embedding')(x)
     batch = x.shape[0]
     grid = x.shape[1:-1]
     x = x.reshape(batch, -1, self.width)
@@ -142,6 +157,8 @@ class ViT(nn.Module):
     pos = self.param('pos_embedding', nn.initializers.normal(stddev=0.02),
                      (1, num_tokens, self.width), jnp.float32)
     x = x + pos.astype(x.dtype)
+    if self.pre_norm:
+      x = nn.LayerNorm(self.ln_eps, dtype=self.dtype, name='pre_norm')(x)
     x = nn.Dropout(self.dropout)(x, deterministic=not train)
 
     x = layers.encoder_stack(self, x, train=train)
