@@ -159,7 +159,7 @@ def base_config() -> ml_collections.ConfigDict:
       "image": encoder("vit", "mu"),
       "text": encoder("text", "mu"),
   })
-  c.model.head = "linear"           # projection heads: linear | mlp
+  c.model.head = "linear"           # projection heads: linear | mlp | identity
   c.model.logit_scale_init = CLIP_INIT_LOGIT_SCALE
   # After every optimizer step the log-scale parameter t is clamped into
   # [0, log max_logit_scale] (CLIP: 100); None: no clamp (SigLIP). The forward pass
@@ -172,6 +172,17 @@ def base_config() -> ml_collections.ConfigDict:
   # GRAM's matching head (`mmjax.models.matching.MatchingHead` fields), for the
   # 'matching' objective.
   c.model.matching = ml_collections.config_dict.placeholder(ml_collections.ConfigDict)
+
+  # A published checkpoint to start from (mmjax.pretrained, docs/pretrained.md): read
+  # into the freshly initialised params before the first step; a run that resumes from
+  # its own checkpoints does not read it again. path "": none.
+  c.init_from = ml_collections.ConfigDict()
+  c.init_from.path = ""
+  c.init_from.format = "auto"       # auto | open_clip | timm | big_vision
+  # modality -> the checkpoint's tower ("image", "text"); empty: each of the
+  # checkpoint's towers into the modality of the same name.
+  c.init_from.towers = ml_collections.ConfigDict()
+  c.init_from.scalars = True        # logit_scale and logit_bias, where both have them
 
   c.objective = ml_collections.ConfigDict()
   c.objective.kind = "clip"
@@ -205,6 +216,7 @@ def base_config() -> ml_collections.ConfigDict:
   # starts (a modality the data lacks, an unknown evaluator), so configs may add them.
   c.model.encoders.unlock()
   c.evals.unlock()
+  c.init_from.towers.unlock()
   return c
 
 

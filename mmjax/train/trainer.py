@@ -120,6 +120,8 @@ def _train(config, workdir, mesh, objective, evaluators) -> dict[str, float]:
       step_lib.abstract_state(state), data_iter, config_dict, report=progress_write)
   if restored is not None:
     state = restored
+  elif config.init_from.path:      # a fresh run that starts from a published checkpoint
+    state = _init_from(state, config.init_from, tx, mesh, progress_write)
   if start_step > config.total_steps:
     raise ValueError(
         f"total_steps={config.total_steps} is below step {start_step}, which the "
@@ -234,6 +236,25 @@ def _train(config, workdir, mesh, objective, evaluators) -> dict[str, float]:
                                 wall_time=time.time() - started, start_step=start_step,
                                 extra_sections=reports)
   return final_metrics
+
+
+def _init_from(state, init_from, tx, mesh, report):
+  """`state` with params from `config.init_from` (`mmjax.pretrained.load_from_config`)
+  and a fresh optimizer state for them; prints what was loaded."""
+  from mmjax import pretrained  # pylint: disable=g-import-not-at-top
+  loaded, load_report = pretrained.load_from_config(state.params, init_from)
+
+  def place(new, old):
+    if new is old:
+      return old
+    new = np.asarray(new)
+    return jax.make_array_from_callback(old.shape, old.sharding, lambda index: new[index])
+
+  params = jax.tree.map(place, loaded, state.params)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  opt_state = jax.jit(tx.init, out_shardings=replicated)(params)
+  report(str(load_report))
+  return state.replace(params=params, opt_state=opt_state)
 
 
 def _format_eval(step: int, metrics: dict[str, float]) -> str:
