@@ -134,6 +134,20 @@ def missing_config(kind="none", modalities=(), **overrides) -> ml_collections.Co
   return m
 
 
+# The kernels of a transformer block LoRA can adapt (`mmjax.models.lora.KERNELS`).
+LORA_KERNELS = ("attn/query", "attn/key", "attn/value", "attn/out", "mlp/fc1", "mlp/fc2")
+
+
+def lora_config(rank: int = 0, alpha: float = 0.0, targets=LORA_KERNELS, towers=()
+                ) -> ml_collections.ConfigDict:
+  """`config.model.lora`: `rank` r of the adapters (0: no LoRA); `alpha` (the update is
+  scaled by alpha / r; 0: alpha = r, scale 1); `targets`, regular expressions over the
+  kernel names of a block (`LORA_KERNELS`), each matching one at least; `towers`, the
+  modalities whose encoders get adapters (): every transformer tower)."""
+  return ml_collections.ConfigDict({"rank": rank, "alpha": float(alpha),
+                                    "targets": tuple(targets), "towers": tuple(towers)})
+
+
 def base_config() -> ml_collections.ConfigDict:
   """Every field the trainer reads, with defaults. Returned locked."""
   c = ml_collections.ConfigDict()
@@ -172,6 +186,9 @@ def base_config() -> ml_collections.ConfigDict:
   # GRAM's matching head (`mmjax.models.matching.MatchingHead` fields), for the
   # 'matching' objective.
   c.model.matching = ml_collections.config_dict.placeholder(ml_collections.ConfigDict)
+  # LoRA (`mmjax.models.lora`): rank-r adapters on the chosen kernels of the chosen
+  # transformer towers; only they train (the base params are frozen). rank 0: off.
+  c.model.lora = lora_config()
 
   # A published checkpoint to start from (mmjax.pretrained, docs/pretrained.md): read
   # into the freshly initialised params before the first step; a run that resumes from
@@ -205,6 +222,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer.b2 = 0.98
   c.optimizer.eps = 1e-6
   c.optimizer.clip_norm = 1.0
+  # Per-part rules, first match wins: (pattern, 'frozen' | lr_mult) pairs; a pattern is
+  # a regular expression naming a subtree of '/'-joined param paths ('towers_image',
+  # 'heads_.*'). LiT: (('towers_image', 'frozen'), ('heads_image', 'frozen')).
+  # `mmjax.train.optimizer`; docs/pretrained.md.
+  c.optimizer.rules = ()
 
   c.evals = ml_collections.ConfigDict()
   c.evals.retrieval = evaluator_config("retrieval")

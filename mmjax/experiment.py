@@ -5,6 +5,7 @@ they run here, so a config means the same to both and each check runs once, wher
 config becomes objects:
 
   check_config(config, mesh)       errors a user can fix in the config, before any build
+  build_model(config)              the model, with LoRA adapters when `model.lora` says
   make_featurize(config)           records -> fixed-shape arrays (tokenizer, missingness)
   sample_batch(source, featurize)  a host batch whose shapes initialise the model
   train_dataset(config, source, featurize)   the grain pipeline of the training split
@@ -27,6 +28,7 @@ from mmjax.evals import evaluators as evaluators_lib
 from mmjax.data import missing as missing_lib
 from mmjax.data import pipeline
 from mmjax.data import tokenizer as tokenizer_lib
+from mmjax.models import lora as lora_lib
 from mmjax.train import distributed
 
 
@@ -52,11 +54,27 @@ def check_config(config, mesh) -> None:
   pipeline.check_sample_rates(config.data, {
       m: models.encoder_fields(enc, where=f"model.encoders.{m}")["sample_rate"]
       for m, enc in config.model.encoders.items() if enc.kind == "audio"})
+  lora_lib.spec_from_config(config.model.get("lora"), model_modalities(config))
   task = config.model.get("task")
   info = pipeline.data_info(config.data)
   if task is not None and info.num_classes and task.num_classes != info.num_classes:
     raise ValueError(f"model.task.num_classes={task.num_classes}, but the data's label "
                      f"({info.name}) has {info.num_classes} classes")
+
+
+def build_model(config):
+  """`models.build(config.model)`, wrapped in a `models.lora.LoraModel` when
+  `model.lora.rank` > 0 (its params then hold the adapters under `lora.ADAPTERS`)."""
+  model = models.build(config.model)
+  return lora_lib.wrap(model, lora_lib.spec_from_config(config.model.get("lora"),
+                                                        model_modalities(config)))
+
+
+def adapters_key(config):
+  """The params' key of the LoRA adapters when `model.lora` is on (the optimizer then
+  trains them and freezes the rest: `make_optimizer(..., adapters=...)`), else None."""
+  spec = lora_lib.spec_from_config(config.model.get("lora"))
+  return None if spec is None else lora_lib.ADAPTERS
 
 
 def check_run_fields(config) -> None:

@@ -26,7 +26,6 @@ import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mmjax import experiment
-from mmjax import models
 from mmjax.data import pipeline
 from mmjax.evals import evaluators as evaluators_lib
 from mmjax.train import checkpoint as ckpt_lib
@@ -66,7 +65,8 @@ def abstract_train_state(config, model, featurize, mesh):
   """Shapes, dtypes and (replicated) shardings of the config's train state, computed
   without running the model: the target of the restore."""
   tx = opt_lib.make_optimizer(config.optimizer, config.total_steps,
-                              max_logit_scale=config.model.max_logit_scale)
+                              max_logit_scale=config.model.max_logit_scale,
+                              adapters=experiment.adapters_key(config))
   sample = experiment.sample_batch(pipeline.make_source(config.data, "train"), featurize)
 
   def init(rng):
@@ -117,7 +117,7 @@ def evaluate_workdir(config, workdir: str, *, checkpoint_step: int | None = None
     config_dict = json.loads(config.to_json_best_effort())
     ckpt_lib.check_compatible(manager, step, config_dict, workdir)
     featurize = experiment.make_featurize(config)
-    model = models.build(config.model)
+    model = experiment.build_model(config)
     state = ckpt_lib.restore(manager, step,
                              abstract_train_state(config, model, featurize, mesh))
   finally:

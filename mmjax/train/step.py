@@ -47,8 +47,23 @@ def create_train_state(model, tx: optax.GradientTransformation, sample_batch, rn
   return init(rng)
 
 
+def partition(params, frozen):
+  """(trainable leaves, frozen leaves, join) of `params` by the bool tree `frozen`
+  (None: every leaf trainable); `join(trainable, fixed)` rebuilds the params tree."""
+  leaves, treedef = jax.tree.flatten(params)
+  flags = [False] * len(leaves) if frozen is None else treedef.flatten_up_to(frozen)
+  trainable = [x for x, f in zip(leaves, flags) if not f]
+  fixed = [x for x, f in zip(leaves, flags) if f]
+
+  def join(trainable, fixed):
+    trainable, fixed = iter(trainable), iter(fixed)
+    return treedef.unflatten([next(fixed) if f else next(trainable) for f in flags])
+
+  return trainable, fixed, join
+
+
 def make_grad_fn(model, objective: Callable, objective_config, mesh, *,
-                 deterministic_reductions: bool = False) -> Callable:
+                 deterministic_reductions: bool = False, frozen=None) -> Callable:
   """`grad_fn(params, batch, rng, step=None) -> (loss, grads, metrics)`, not jitted on
   its own.
 
@@ -62,62 +77,73 @@ def make_grad_fn(model, objective: Callable, objective_config, mesh, *,
   With `deterministic_reductions`, every sum over devices (the gradient, the
   objective's gathers and sums) goes in device order (`mmjax.collectives`), so the
   result does not depend on how the devices are split into processes.
+
+  `frozen`: a tree of bools like the params (`mmjax.train.optimizer.frozen_mask`), or
+  None. Frozen params are constants of the loss: no gradient is computed or summed
+  over devices for them, and their entries of `grads` are zeros.
   """
 
-  def per_device(params, batch, rng, step=None):
+  def per_device(join, trainable, fixed, batch, rng, step=None):
     with collectives.fixed_order(deterministic_reductions):
-      return device_step(params, batch, rng, step)
+      return device_step(join, trainable, fixed, batch, rng, step)
 
-  def device_step(params, batch, rng, step):
+  def device_step(join, trainable, fixed, batch, rng, step):
     # Different dropout on every device, the same on every run.
     rng = jax.random.fold_in(rng, jax.lax.axis_index(DATA))
     if deterministic_reductions:
       # Per-device gradients, summed below in device order rather than by the
       # all-reduce autodiff puts where replicated params meet per-device data.
-      params = collectives.vary(params, DATA)
+      trainable = collectives.vary(trainable, DATA)
 
-    def loss_fn(params):
-      out = model.apply({"params": params}, batch, train=True, rngs={"dropout": rng},
-                        step=step)
+    def loss_fn(trainable):
+      out = model.apply({"params": join(trainable, fixed)}, batch, train=True,
+                        rngs={"dropout": rng}, step=step)
       loss, metrics = objective(out, batch, objective_config, axis_name=DATA, step=step)
       metrics["logit_scale"] = out.logit_scale
       if out.logit_bias is not None:
         metrics["logit_bias"] = out.logit_bias
       return loss, metrics
 
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
     if deterministic_reductions:
       grads = collectives.psum(grads, DATA)
     return loss, grads, collectives.pmean(metrics, DATA)
 
-  without_step = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(DATA), P()),
-                               out_specs=(P(), P(), P()))
-  with_step = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(DATA), P(), P()),
-                            out_specs=(P(), P(), P()))
-
   def grad_fn(params, batch, rng, step=None):
-    if step is None:
-      return without_step(params, batch, rng)
-    return with_step(params, batch, rng, step)
+    trainable, fixed, join = partition(params, frozen)
+    args = (trainable, fixed, batch, rng) + (() if step is None else (step,))
+    specs = (P(), P(), P(DATA), P()) + (() if step is None else (P(),))
+    loss, grads, metrics = jax.shard_map(
+        functools.partial(per_device, join), mesh=mesh, in_specs=specs,
+        out_specs=(P(), P(), P()))(*args)
+    return loss, join(grads, [jnp.zeros_like(x) for x in fixed]), metrics
 
   return grad_fn
 
 
 def make_train_step(model, objective: Callable, objective_config, mesh,
-                    *, donate: bool = True, deterministic_reductions: bool = False) -> Callable:
+                    *, donate: bool = True, deterministic_reductions: bool = False,
+                    frozen=None) -> Callable:
   """`train_step(state, batch, rng) -> (state, metrics)`, jitted.
 
   `metrics` are replicated scalars: `loss`, `grad_norm`, `logit_scale` and the
   objective's own metrics. The model and the objective see `step=state.step` (the
   updates applied before this one). `deterministic_reductions`: see `make_grad_fn`.
+  `frozen` (a tree of bools like the params, or None): those params get no gradient
+  (`make_grad_fn`) and leave the step as they came in, bit for bit (the optimizer
+  gives them no state: `mmjax.train.optimizer`).
   """
   grad_fn = make_grad_fn(model, objective, objective_config, mesh,
-                         deterministic_reductions=deterministic_reductions)
+                         deterministic_reductions=deterministic_reductions, frozen=frozen)
 
   def train_step(state: TrainState, batch, rng):
     loss, grads, metrics = grad_fn(state.params, batch, rng, state.step)
     metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
-    return state.apply_gradients(grads=grads), metrics
+    new_state = state.apply_gradients(grads=grads)
+    if frozen is not None:
+      new_state = new_state.replace(params=jax.tree.map(
+          lambda f, old, new: old if f else new, frozen, state.params, new_state.params))
+    return new_state, metrics
 
   return jax.jit(train_step, donate_argnums=(0,) if donate else ())
 

@@ -19,7 +19,6 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from mmjax import experiment
-from mmjax import models
 from mmjax.data import pipeline
 from mmjax.evals import evaluators as evaluators_lib
 from mmjax.train import checkpoint as ckpt_lib
@@ -104,9 +103,11 @@ def _train(config, workdir, mesh, objective, evaluators) -> dict[str, float]:
   data_iter = iter(experiment.train_dataset(config, train_source, featurize))
 
   # Model, optimizer, state.
-  model = models.build(config.model)
+  model = experiment.build_model(config)
+  adapters = experiment.adapters_key(config)
   tx = opt_lib.make_optimizer(config.optimizer, config.total_steps,
-                              max_logit_scale=config.model.max_logit_scale)
+                              max_logit_scale=config.model.max_logit_scale,
+                              adapters=adapters)
   schedule = opt_lib.learning_rate_schedule(config.optimizer, config.total_steps)
   rng = jax.random.key(config.seed)
   init_rng, step_rng = jax.random.split(rng)
@@ -138,7 +139,8 @@ def _train(config, workdir, mesh, objective, evaluators) -> dict[str, float]:
 
   train_step = step_lib.make_train_step(
       model, objective, config.objective, mesh,
-      deterministic_reductions=config.deterministic_reductions)
+      deterministic_reductions=config.deterministic_reductions,
+      frozen=opt_lib.frozen_mask(config.optimizer, state.params, adapters=adapters))
   apply_fn = step_lib.make_apply_fn(model)
   reports: dict[str, str] = {}     # summary.md sections from evaluators (ctx.add_report)
   failures: list[str] = []          # evaluators that raised (config.evals_fail='continue')
