@@ -95,7 +95,7 @@ def check_tokenizer(config) -> None:
   spec = config.data.get("tokenizer", "byte")
   tokenizer = tokenizer_lib.make_tokenizer(spec, config.data.text_max_len)
   for m, enc in config.model.encoders.items():
-    if enc.kind != "text":
+    if enc.kind not in models.registry.TEXT_KINDS:
       continue
     fields = models.encoder_fields(enc, where=f"model.encoders.{m}")
     wanted = {"vocab_size": tokenizer.vocab_size, "pad_id": tokenizer.pad_id,
@@ -113,9 +113,10 @@ def check_tokenizer(config) -> None:
 
 
 def text_modalities(config) -> tuple[str, ...]:
-  """The modalities whose encoder reads token ids (kind 'text'), whatever their name."""
+  """The modalities whose encoder reads token ids (kind 'text' or 'bert'), whatever
+  their name."""
   return tuple(m for m in model_modalities(config)
-               if config.model.encoders[m].kind == "text")
+               if config.model.encoders[m].kind in models.registry.TEXT_KINDS)
 
 
 def make_featurize(config, *, missing: bool = True) -> pipeline.Featurize:
