@@ -22,7 +22,6 @@ import jax.numpy as jnp
 from mmjax import registry as registry_lib
 from mmjax.models import audio as audio_lib
 from mmjax.models import bert as bert_lib
-from mmjax.models import bert as bert_lib
 from mmjax.models import mlp as mlp_lib
 from mmjax.models import text as text_lib
 from mmjax.models import timeseries as timeseries_lib
@@ -116,13 +115,6 @@ _BERT_SIZES = {
                       max_len=512, type_vocab_size=2, pad_id=0, eos_id=102),
 }
 
-# BERT-family towers (`mmjax.models.bert`): all-MiniLM-L6-v2's config.json (a
-# 6-layer, 384-wide uncased WordPiece BERT; sentence-transformers pool it by the mean).
-_BERT_SIZES = {
-    'minilm_l6': dict(width=384, depth=6, num_heads=12, mlp_dim=1536, vocab_size=30522,
-                      max_len=512, type_vocab_size=2, pad_id=0, eos_id=102),
-}
-
 _MLP_SIZES = {
     'mu': dict(width=128, depth=2),
     'S': dict(width=256, depth=3),
@@ -157,8 +149,6 @@ for _kind, _spec in {
         default_variant='mu'),
     'bert': EncoderSpec(
         module=bert_lib.BertEncoder, sizes=_BERT_SIZES, default_variant='minilm_l6'),
-    'bert': EncoderSpec(
-        module=bert_lib.BertEncoder, sizes=_BERT_SIZES, default_variant='minilm_l6'),
     'audio': EncoderSpec(
         module=audio_lib.AudioTransformer, sizes=_AUDIO_SIZES,
         default_variant='mu'),
@@ -169,10 +159,6 @@ for _kind, _spec in {
         module=mlp_lib.TabularMLP, sizes=_MLP_SIZES, default_variant='mu'),
 }.items():
   ENCODERS.register(_kind, _spec, registry_lib.dataclass_fields(_spec.module))
-
-
-# Kinds whose encoder reads token ids: the data tokenises its strings for them.
-TEXT_KINDS = ('text', 'bert')
 
 
 # Kinds whose encoder reads token ids: the data tokenises its strings for them.

@@ -7,6 +7,7 @@ installed). Nothing is downloaded.
 
   encoder, params = hf_bert.load(model_dir)            # the encoder its config.json says
   features = encoder.apply({'params': params}, ids)    # [B, width]
+  tower = hf_bert.load_tower(model_params['towers_text'], model_dir)   # into a model
 
 The check is strict: every parameter of the encoder must come from exactly one tensor
 of the checkpoint with the shape the config implies, and every tensor must be used.
@@ -37,6 +38,7 @@ import numpy as np
 
 from mmjax.models import bert as bert_lib
 from mmjax.models import registry
+from mmjax.pretrained.convert import CheckpointMismatchError
 
 CONFIG_FILE = "config.json"
 SAFETENSORS_FILE = "model.safetensors"
@@ -47,7 +49,7 @@ _BUFFERS = ("embeddings.position_ids", "embeddings.token_type_ids")
 _ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
 
 
-class CheckpointMismatch(ValueError):
+class CheckpointMismatch(CheckpointMismatchError):
   """The checkpoint's tensors do not match the encoder's parameters (keys listed)."""
 
   def __init__(self, source: str, missing, unexpected, shapes):
@@ -304,3 +306,49 @@ def load(model_dir: str, encoder: bert_lib.BertEncoder | None = None, *,
   params = convert_state_dict(read_state_dict(model_dir), encoder, ignore=ignore,
                               source=os.fspath(model_dir))
   return encoder, params
+
+
+def _flat(tree, prefix=()):
+  if isinstance(tree, Mapping):
+    out = {}
+    for k, v in tree.items():
+      out.update(_flat(v, prefix + (k,)))
+    return out
+  return {prefix: tree}
+
+
+def load_tower(target: Mapping[str, Any], model_dir: str, *, ignore: Sequence[str] = ()
+               ) -> dict:
+  """The checkpoint in `model_dir` as params shaped like `target`, the params (arrays or
+  shape structs) of a `BertEncoder` tower, e.g. a model's `params['towers_text']`.
+
+  The encoder's sizes come from config.json; whether its blocks are scanned and
+  whether it has BERT's pooler come from `target`. Every leaf is cast to the dtype of
+  the one it replaces.
+
+  Raises:
+    CheckpointMismatch: the checkpoint does not fit the encoder config.json describes,
+      or `target` is another encoder (its paths and shapes that differ, listed).
+  """
+  fields = encoder_fields(read_config(model_dir),
+                          where=os.path.join(os.fspath(model_dir), CONFIG_FILE))
+  encoder = bert_lib.BertEncoder(**fields, scan_layers="blocks" in target.get("encoder", {}),
+                                 pool="pooler" if "pooler" in target else "mean")
+  params = _flat(convert_state_dict(read_state_dict(model_dir), encoder, ignore=ignore,
+                                    source=os.fspath(model_dir)))
+  want = _flat(target)
+  name = lambda p: "/".join(p)
+  missing = sorted(name(p) for p in want if p not in params)
+  unexpected = sorted(name(p) for p in params if p not in want)
+  shapes = {name(p): (params[p].shape, tuple(want[p].shape)) for p in params
+            if p in want and params[p].shape != tuple(want[p].shape)}
+  if missing or unexpected or shapes:
+    raise CheckpointMismatch(f"{model_dir} (as the tower's params)", missing, unexpected,
+                             shapes)
+  out = {}
+  for path, array in params.items():
+    node = out
+    for part in path[:-1]:
+      node = node.setdefault(part, {})
+    node[path[-1]] = array.astype(want[path].dtype)
+  return out
