@@ -3,6 +3,10 @@
 Ids: 0 = pad, 1 = bos, 2 = eos, 3 + b for byte b (vocab_size 259). A sequence is
 `[bos, bytes..., eos, pad, ...]`, cut to `max_len`: when the text is too long its bytes
 are truncated so that eos is always present (text towers pool at eos).
+
+`make_tokenizer` builds the tokenizer `config.data.tokenizer` names: this one, a
+SentencePiece model, OpenAI CLIP's BPE or a Hugging Face tokenizer.json
+(`mmjax.data.hf_tokenizers`).
 """
 
 from __future__ import annotations
@@ -56,14 +60,28 @@ class ByteTokenizer:
     return bytes(out).decode("utf-8", errors="replace")
 
 
+# data.tokenizer's kinds that take a path: 'kind:PATH' -> (module, class, what PATH is).
+_PATH_KINDS = {
+    "sentencepiece": ("mmjax.data.sentencepiece_tokenizer", "SentencePieceTokenizer",
+                      "a SentencePiece .model file"),
+    "clip_bpe": ("mmjax.data.hf_tokenizers", "ClipBpeTokenizer",
+                 "CLIP's BPE merges file, bpe_simple_vocab_16e6.txt.gz"),
+    "hf": ("mmjax.data.hf_tokenizers", "HfTokenizer",
+           "a Hugging Face tokenizer.json, or a model directory holding one"),
+}
+
+
 def make_tokenizer(spec: str, max_len: int):
-  """The tokenizer `config.data.tokenizer` names: 'byte' (this module's), or
-  'sentencepiece:PATH' for a SentencePiece model file (`SentencePieceTokenizer`)."""
+  """The tokenizer `config.data.tokenizer` names: 'byte' (this module's),
+  'sentencepiece:PATH' (`SentencePieceTokenizer`), 'clip_bpe:PATH' (OpenAI CLIP's BPE,
+  `hf_tokenizers.ClipBpeTokenizer`; CLIP's context is `max_len` 77) or 'hf:PATH' (a
+  Hugging Face tokenizer.json, `hf_tokenizers.HfTokenizer`: WordPiece for BERT)."""
   if spec == "byte":
     return ByteTokenizer(max_len)
-  kind, _, path = spec.partition(":")
-  if kind == "sentencepiece" and path:
-    from mmjax.data.sentencepiece_tokenizer import SentencePieceTokenizer  # pylint: disable=g-import-not-at-top
-    return SentencePieceTokenizer(path, max_len)
-  raise ValueError(f"data.tokenizer={spec!r}: expected 'byte' or 'sentencepiece:PATH' "
-                   f"(a SentencePiece .model file)")
+  kind, _, path = str(spec).partition(":")
+  if kind in _PATH_KINDS and path:
+    import importlib  # pylint: disable=g-import-not-at-top
+    module, name, _ = _PATH_KINDS[kind]
+    return getattr(importlib.import_module(module), name)(path, max_len)
+  kinds = "; ".join(f"'{k}:PATH' ({what})" for k, (_, _, what) in _PATH_KINDS.items())
+  raise ValueError(f"data.tokenizer={spec!r}: expected 'byte' or one of {kinds}")
