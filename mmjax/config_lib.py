@@ -42,7 +42,7 @@ def world_data(modalities=("image", "text"), **overrides) -> ml_collections.Conf
   d.audio_samples = 4000
   d.sample_rate = 8000
   d.text_max_len = 72
-  d.tokenizer = "byte"              # or 'sentencepiece:PATH' (a .model file)
+  d.tokenizer = "byte"              # | 'sentencepiece:PATH' | 'clip_bpe:PATH' | 'hf:PATH'
   d.label = ml_collections.ConfigDict(
       {"factors": ("shape",), "mode": "product", "num_classes": 0})
   d.missing = missing_config(modalities=world_lib.MODALITIES)
@@ -92,7 +92,8 @@ def tfds_data(name: str, features, *, data_dir: str | None = None,
   d.prompt_templates = ()           # zero-shot prompts ('a photo of a {}.'); (): CLIP-style
   d.image_size = 0                  # > 0: resize images to [image_size, image_size]
   d.audio_samples = 0               # > 0: crop / zero-pad waveforms to this length
-  d.image_norm = "none"             # 'none' ([0, 1]) | 'clip' | 'imagenet' | 'custom'
+  d.image_norm = "none"             # 'none' ([0, 1]) | 'clip' | 'imagenet' | 'siglip' | 'custom'
+  d.image_preset = ""               # '' | 'clip' | 'siglip': the published model's transform
   d.image_mean = ()                 # per channel, read with image_norm='custom'
   d.image_std = ()
   d.image_augment = False           # training: random resized crop + horizontal flip
@@ -102,7 +103,7 @@ def tfds_data(name: str, features, *, data_dir: str | None = None,
   d.sample_rate = 0                 # > 0: resample waveforms to this rate; 0: as stored
   d.source_sample_rate = 0          # the stored rate; 0: the dataset's (its metadata)
   d.text_max_len = 72
-  d.tokenizer = "byte"              # or 'sentencepiece:PATH' (a .model file)
+  d.tokenizer = "byte"              # | 'sentencepiece:PATH' | 'clip_bpe:PATH' | 'hf:PATH'
   d.missing = missing_config(modalities=tuple(features))
   d.modality_warmup_steps = 0       # as in world_data
   d.num_threads = 2

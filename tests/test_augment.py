@@ -98,7 +98,7 @@ def test_normalisation_presets_and_bad_names():
   mean, std = augment.normalization("custom", (0.5,), (0.25,))
   assert mean.tolist() == [0.5] and std.tolist() == [0.25]
   with pytest.raises(ValueError, match=r"unknown normalisation 'clipp'; valid: \['clip', "
-                                       r"'imagenet', 'none', 'custom'\]"):
+                                       r"'imagenet', 'none', 'siglip', 'custom'\]"):
     augment.normalization("clipp")
   with pytest.raises(ValueError, match="needs data.image_mean and data.image_std"):
     augment.normalization("custom", (0.5, 0.5), (0.2,))

@@ -10,14 +10,17 @@ example's augmentation does not depend on threads, process count or how the run 
 resumed, and each modality draws independently of which others are configured.
 
   images  [H, W, C] or video [T, H, W, C], any size:
-            eval   the largest centred square, resized to `size` x `size` (resize the
-                   shorter side, then centre crop)
+            eval   the largest centred square, resized to `size` x `size` in one step
+                   (bilinear); with a preset (`IMAGE_PRESETS`, `data.image_preset`)
+                   as the published model's own transform: 'clip' resizes the
+                   shorter side to `size` (bicubic) and crops the centre, 'siglip'
+                   resizes the whole image to `size` x `size` (bicubic)
             train  a random resized crop (area fraction in `scale`, aspect ratio in
-                   `ratio`, log-uniform) resized to `size` x `size`, then a horizontal
-                   flip with probability `flip_prob`; a video takes one crop and flip
-                   for all its frames
+                   `ratio`, log-uniform) resized to `size` x `size` (with a preset's
+                   interpolation), then a horizontal flip with probability
+                   `flip_prob`; a video takes one crop and flip for all its frames
           then float32 in [0, 1] (uint8 / 255, uint16 / 65535) and, with a
-          normalisation, (x - mean) / std per channel
+          normalisation, (x - mean) / std per channel ('siglip': [-1, 1])
   audio   [T] waveform: resampled from the stored rate to the wanted one
           (`scipy.signal.resample_poly`), then cut to `samples` (eval: the centred
           window; train: a random one) or zero-padded at the end; the true length is
@@ -38,7 +41,17 @@ NORM_PRESETS = {
     "none": None,
     "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "siglip": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),     # [0, 1] -> [-1, 1]
 }
+# name -> the evaluation resize (`PixelTransform.resize`), the interpolation, the
+# normalisation and the side used when `data.image_size` is 0: the published
+# models' own transforms (open_clip's for OpenAI CLIP and for SigLIP).
+IMAGE_PRESETS = {
+    "clip": dict(resize="shortest", interpolation="bicubic", norm="clip", size=224),
+    "siglip": dict(resize="squash", interpolation="bicubic", norm="siglip", size=224),
+}
+RESIZES = ("centre_square", "shortest", "squash")
+_INTERPOLATIONS = ("bilinear", "bicubic")
 _SALT = 0x6D6D6A61   # separates augmentation draws from the shuffle seeded by the same seed
 _MAX_TRIES = 10
 
@@ -63,6 +76,28 @@ def normalization(name: str, mean: Sequence[float] = (), std: Sequence[float] = 
                      f"{where}='custom', but it is {name!r}")
   preset = NORM_PRESETS[name]
   return None if preset is None else tuple(np.asarray(v, np.float32) for v in preset)
+
+
+def pixel_transform(image_size: int = 0, image_norm: str = "none", image_mean=(),
+                    image_std=(), image_preset: str = "", **kwargs) -> "PixelTransform":
+  """The `PixelTransform` of `config.data`'s fields: `image_preset` ('' or a name of
+  `IMAGE_PRESETS`) sets the resize, interpolation and normalisation (`image_norm` may
+  then only be 'none' or the preset's own) and the side when `image_size` is 0;
+  `kwargs` are the training crop's (`augment`, `scale`, `ratio`, `flip_prob`)."""
+  if not image_preset:
+    return PixelTransform(image_size, normalization(image_norm, image_mean, image_std),
+                          **kwargs)
+  if image_preset not in IMAGE_PRESETS:
+    raise ValueError(f"data.image_preset: unknown preset {image_preset!r}; valid: "
+                     f"{sorted(IMAGE_PRESETS)} (or '' for none)")
+  preset = IMAGE_PRESETS[image_preset]
+  if image_norm not in ("none", preset["norm"]) or image_mean or image_std:
+    raise ValueError(f"data.image_norm={image_norm!r}: data.image_preset="
+                     f"{image_preset!r} normalises with {preset['norm']!r}; leave "
+                     "image_norm 'none' (and image_mean / image_std empty)")
+  return PixelTransform(image_size or preset["size"], normalization(preset["norm"]),
+                        resize=preset["resize"], interpolation=preset["interpolation"],
+                        **kwargs)
 
 
 def example_rng(key: tuple[int, int], stream: str) -> np.random.Generator:
@@ -109,19 +144,35 @@ def random_box(height: int, width: int, rng: np.random.Generator,
   return left, top, left + w, top + h
 
 
-def resize_box(image: np.ndarray, box, shape: tuple[int, int]) -> np.ndarray:
-  """The `box` (left, top, right, bottom) of [H, W, C] resized to `shape` [h, w],
-  bilinear, in the image's dtype (uint8 grey or RGB natively, others channel by channel
-  in float, integers rounded back)."""
+def shortest_side(height: int, width: int, size: int) -> tuple[tuple[int, int], tuple]:
+  """([h, w] with the shorter side `size` and the longer one scaled and truncated to
+  an integer, (left, top, right, bottom) of the centred `size` x `size` crop of it,
+  offsets rounded): the resize-then-centre-crop torchvision's Resize(size) and
+  CenterCrop(size) do, which open_clip's CLIP transform is."""
+  if width <= height:
+    new = (int(size * height / width), size)
+  else:
+    new = (size, int(size * width / height))
+  top, left = int(round((new[0] - size) / 2.0)), int(round((new[1] - size) / 2.0))
+  return new, (left, top, left + size, top + size)
+
+
+def resize_box(image: np.ndarray, box, shape: tuple[int, int],
+               interpolation: str = "bilinear") -> np.ndarray:
+  """The `box` (left, top, right, bottom) of [H, W, C] resized to `shape` [h, w] with
+  PIL's antialiased `interpolation` ('bilinear' or 'bicubic'), in the image's dtype
+  (uint8 grey or RGB natively, others channel by channel in float, integers rounded
+  back)."""
   import PIL.Image  # pylint: disable=g-import-not-at-top  (TFDS decodes images with PIL)
   box = tuple(float(b) for b in box)
   size = (int(shape[1]), int(shape[0]))   # PIL: (width, height)
+  resample = {"bilinear": PIL.Image.BILINEAR, "bicubic": PIL.Image.BICUBIC}[interpolation]
   if image.dtype == np.uint8 and image.shape[-1] in (1, 3):
     pil = PIL.Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
-    out = np.asarray(pil.resize(size, PIL.Image.BILINEAR, box=box))
+    out = np.asarray(pil.resize(size, resample, box=box))
     return out.reshape(*shape, image.shape[-1])
   channels = [np.asarray(PIL.Image.fromarray(image[..., c].astype(np.float32), mode="F")
-                         .resize(size, PIL.Image.BILINEAR, box=box))
+                         .resize(size, resample, box=box))
               for c in range(image.shape[-1])]
   resized = np.stack(channels, axis=-1)
   if image.dtype.kind in "ui":
@@ -148,11 +199,17 @@ class PixelTransform:
     norm: `(mean, std)` arrays from `normalization`, or None.
     augment: the training form crops and flips (otherwise it is the evaluation form).
     scale, ratio, flip_prob: the random resized crop and flip.
+    resize: the evaluation form's resize (`RESIZES`): 'centre_square' (the largest
+      centred square resized to `size`), 'shortest' (the shorter side resized to
+      `size`, then the centred `size` x `size` crop, `shortest_side`) or 'squash'
+      (the whole image resized to `size` x `size`).
+    interpolation: 'bilinear' or 'bicubic' (PIL's, antialiased), for every resize.
   """
 
   def __init__(self, size: int = 0, norm=None, *, augment: bool = False,
                scale: Sequence[float] = (0.9, 1.0),
-               ratio: Sequence[float] = (3 / 4, 4 / 3), flip_prob: float = 0.5):
+               ratio: Sequence[float] = (3 / 4, 4 / 3), flip_prob: float = 0.5,
+               resize: str = "centre_square", interpolation: str = "bilinear"):
     scale, ratio = tuple(float(s) for s in scale), tuple(float(r) for r in ratio)
     if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
       raise ValueError(f"data.crop_scale must be (low, high) with 0 < low <= high <= 1, "
@@ -162,7 +219,11 @@ class PixelTransform:
                        f"got {ratio}")
     if not 0 <= flip_prob <= 1:
       raise ValueError(f"data.flip_prob must be in [0, 1], got {flip_prob}")
+    if resize not in RESIZES or interpolation not in _INTERPOLATIONS:
+      raise ValueError(f"PixelTransform: resize={resize!r} must be one of {RESIZES} and "
+                       f"interpolation={interpolation!r} one of {_INTERPOLATIONS}")
     self.size, self.norm, self.augment = int(size), norm, bool(augment)
+    self.resize, self.interpolation = resize, interpolation
     self.scale, self.ratio, self.flip_prob = scale, ratio, float(flip_prob)
 
   def __call__(self, image: np.ndarray, rng: np.random.Generator | None = None
@@ -171,15 +232,22 @@ class PixelTransform:
     height, width = image.shape[-3:-1]
     # Without a size the crop is resized back to the stored size.
     shape = (self.size, self.size) if self.size else (height, width)
-    flip, box = False, None
+    flip, box, crop = False, None, None
     if rng is not None and self.augment:
       box = random_box(height, width, rng, self.scale, self.ratio)
       flip = bool(rng.random() < self.flip_prob)
     elif (height, width) != shape:
-      box = centre_box(height, width)
+      box = centre_box(height, width) if self.resize == "centre_square" else (
+          0, 0, width, height)
+      if self.resize == "shortest":
+        shape, crop = shortest_side(height, width, self.size)
     if box is not None:
-      image = (resize_box(image, box, shape) if image.ndim == 3
-               else np.stack([resize_box(frame, box, shape) for frame in image]))
+      frames = image if image.ndim == 4 else image[None]
+      frames = [resize_box(f, box, shape, self.interpolation) for f in frames]
+      if crop is not None:
+        left, top, right, bottom = crop
+        frames = [f[top:bottom, left:right] for f in frames]
+      image = np.stack(frames) if image.ndim == 4 else frames[0]
     if flip:
       image = image[..., ::-1, :]
     image = to_unit(image)

@@ -154,7 +154,7 @@ class TfdsSource:
       must then be fixed.
     audio_samples: the length of waveforms; 0 keeps the stored length, which must then
       be fixed.
-    image_norm, image_mean, image_std: `augment.normalization`.
+    image_norm, image_mean, image_std, image_preset: `augment.pixel_transform`.
     image_augment, crop_scale, crop_ratio, flip_prob: `augment.PixelTransform`.
     sample_rate: resample waveforms to this rate (0: as stored).
     source_sample_rate: the stored rate (0: `stored_sample_rate`).
@@ -163,7 +163,7 @@ class TfdsSource:
   def __init__(self, name: str, tfds_split: str, features: Mapping[str, str], *,
                data_dir: str | None = None, label_feature: str | None = None,
                image_size: int = 0, audio_samples: int = 0, image_norm: str = "none",
-               image_mean=(), image_std=(), image_augment: bool = False,
+               image_mean=(), image_std=(), image_preset: str = "", image_augment=False,
                crop_scale=(0.9, 1.0), crop_ratio=(3 / 4, 4 / 3), flip_prob: float = 0.5,
                sample_rate: int = 0, source_sample_rate: int = 0):
     self.name = name
@@ -181,8 +181,8 @@ class TfdsSource:
       if m in RESERVED_KEYS:
         raise ValueError(f"data.features.{m}: {m!r} is not a modality name (reserved: "
                          f"{RESERVED_KEYS}); use data.label_feature for the label")
-    self._pixels = augment.PixelTransform(
-        self.image_size, augment.normalization(image_norm, image_mean, image_std),
+    self._pixels = augment.pixel_transform(
+        self.image_size, image_norm, image_mean, image_std, image_preset,
         augment=image_augment, scale=crop_scale, ratio=crop_ratio, flip_prob=flip_prob)
 
     builder = load_builder(name, data_dir)
@@ -256,7 +256,7 @@ class TfdsSource:
                          f"feature has shape {shape}")
       if dtype not in (np.uint8, np.uint16) and dtype.kind != "f":
         raise ValueError(f"{where}: {modality} dtype {dtype} is not uint8, uint16 or float")
-      if None in shape[-3:-1] and not self.image_size:
+      if None in shape[-3:-1] and not self._pixels.size:
         raise ValueError(f"{where}: {modality} frames have no fixed size {shape}; set "
                          "data.image_size to resize them")
       if modality == "video" and shape[0] is None:
@@ -388,7 +388,7 @@ def _sample_rate(info, audio, wanted: int, stored: int, features) -> dict:
 
 # Fields of `config.data` the source reads beyond those of `config_lib.tfds_data`'s first
 # version, with the defaults that keep its behaviour (read with `.get`).
-DECODE_DEFAULTS = {"image_norm": "none", "image_mean": (), "image_std": (),
+DECODE_DEFAULTS = {"image_norm": "none", "image_mean": (), "image_std": (), "image_preset": "",
                    "image_augment": False, "crop_scale": (0.9, 1.0),
                    "crop_ratio": (3 / 4, 4 / 3), "flip_prob": 0.5, "sample_rate": 0,
                    "source_sample_rate": 0}
