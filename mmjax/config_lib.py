@@ -42,7 +42,7 @@ def world_data(modalities=("image", "text"), **overrides) -> ml_collections.Conf
   d.audio_samples = 4000
   d.sample_rate = 8000
   d.text_max_len = 72
-  d.tokenizer = "byte"              # | 'sentencepiece:PATH' | 'clip_bpe:PATH' | 'hf:PATH'
+  d.tokenizer = "byte"              # or KIND:PATH, KIND sentencepiece|siglip|clip_bpe|hf
   d.label = ml_collections.ConfigDict(
       {"factors": ("shape",), "mode": "product", "num_classes": 0})
   d.missing = missing_config(modalities=world_lib.MODALITIES)
@@ -103,7 +103,7 @@ def tfds_data(name: str, features, *, data_dir: str | None = None,
   d.sample_rate = 0                 # > 0: resample waveforms to this rate; 0: as stored
   d.source_sample_rate = 0          # the stored rate; 0: the dataset's (its metadata)
   d.text_max_len = 72
-  d.tokenizer = "byte"              # | 'sentencepiece:PATH' | 'clip_bpe:PATH' | 'hf:PATH'
+  d.tokenizer = "byte"              # or KIND:PATH, KIND sentencepiece|siglip|clip_bpe|hf
   d.missing = missing_config(modalities=tuple(features))
   d.modality_warmup_steps = 0       # as in world_data
   d.num_threads = 2

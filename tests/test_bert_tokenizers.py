@@ -232,7 +232,7 @@ def test_clip_bpe_bad_merges_files(tmp_path):
     hf_tokenizers.ClipBpeTokenizer(_merges_file(tmp_path / "l.gz", ["t h", "a b c"]))
   with pytest.raises(ValueError, match="holds no merges"):
     hf_tokenizers.ClipBpeTokenizer(_merges_file(tmp_path / "e.txt", [], gz=False))
-  with pytest.raises(ValueError, match=r"expected 'byte' or one of .*'clip_bpe:PATH'"):
+  with pytest.raises(ValueError, match=r"expected 'byte' or .*'clip_bpe:PATH'"):
     tokenizer_lib.make_tokenizer("clip_bpe", 77)
 
 
@@ -324,3 +324,33 @@ def test_prompt_ensemble_presets_average_normalised_embeddings():
   with pytest.raises(ValueError, match=r"'imagenet' is neither a template .* nor a preset "
                                        r"\(\['imagenet_clip', 'imagenet_clip_7'\]\)"):
     zero_shot.check_class_names(entry, None, "config.evals.zs")
+
+
+def test_image_preset_through_a_tfds_source(tmp_path):
+  import tensorflow_datasets as tfds
+  from mmjax import config_lib
+  from mmjax.data import pipeline
+  photo = np.random.default_rng(1).integers(0, 256, (30, 40, 3), np.uint8)
+
+  class MmjaxPresetPhotos(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
+          {"image": tfds.features.Image(shape=(None, None, 3))}))
+
+    def _split_generators(self, dl_manager):
+      del dl_manager
+      return {"test": self._generate_examples()}
+
+    def _generate_examples(self):
+      yield 0, {"image": PIL.Image.fromarray(photo)}
+
+  MmjaxPresetPhotos(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+  config = config_lib.tfds_data("mmjax_preset_photos:1.0.0", {"image": "image"},
+                                data_dir=str(tmp_path), splits={"test": "test"},
+                                image_preset="clip", image_size=16)
+  np.testing.assert_array_equal(pipeline.make_source(config, "test")[0]["image"],
+                                augment.pixel_transform(16, image_preset="clip")(photo))
+  config.image_size = 0      # the preset's side
+  assert pipeline.make_source(config, "test")[0]["image"].shape == (224, 224, 3)

@@ -10,6 +10,12 @@ models (SentencePiece's default: unk 0, bos 1, eos 2, no pad) have none; then
 every SentencePiece id is shifted by one and 0 is padding, so the text
 encoder needs `vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id,
 eos_id=tokenizer.eos_id`.
+
+SigLIP's convention (big_vision's `tokenize(eos='sticky', pad_value=1)` with T5's
+SentencePiece model, where </s> is 1): no bos, pieces then eos, padded with the eos
+id itself (`add_bos=False, pad_with_eos=True`, `data.tokenizer='siglip:PATH'`); ids
+are then SentencePiece's, unshifted. A text tower reading them attends to every
+position (SigLIP's: `mask_padding=False`, pooled at the final position).
 """
 from __future__ import annotations
 
@@ -29,8 +35,10 @@ class SentencePieceTokenizer:
     pad_id, bos_id, eos_id: special ids in this tokenizer's numbering.
   """
 
-  def __init__(self, model_path: str, max_len: int, add_bos: bool = True):
-    """Loads `model_path` (a `.model` file written by SentencePieceTrainer).
+  def __init__(self, model_path: str, max_len: int, add_bos: bool = True,
+               pad_with_eos: bool = False):
+    """Loads `model_path` (a `.model` file written by SentencePieceTrainer);
+    `pad_with_eos` pads with the eos id (SigLIP's convention, module docstring).
 
     Raises:
       ValueError: the file does not exist, the model has no eos piece, or
@@ -56,8 +64,10 @@ class SentencePieceTokenizer:
       raise ValueError(
           f'the SentencePiece model {model_path!r} has no bos piece; pass '
           'add_bos=False')
-    self._shift = 0 if self._sp.pad_id() >= 0 else 1
+    self._shift = 0 if self._sp.pad_id() >= 0 or pad_with_eos else 1
     self.pad_id = self._sp.pad_id() if self._shift == 0 else 0
+    if pad_with_eos:
+      self.pad_id = self._sp.eos_id()
     self.bos_id = self._sp.bos_id() + self._shift
     self.eos_id = self._sp.eos_id() + self._shift
     self.vocab_size = self._sp.vocab_size() + self._shift

@@ -64,6 +64,8 @@ class ByteTokenizer:
 _PATH_KINDS = {
     "sentencepiece": ("mmjax.data.sentencepiece_tokenizer", "SentencePieceTokenizer",
                       "a SentencePiece .model file"),
+    "siglip": ("mmjax.data.sentencepiece_tokenizer", "SentencePieceTokenizer",
+               "SigLIP's SentencePiece .model file: no bos, padded with eos"),
     "clip_bpe": ("mmjax.data.hf_tokenizers", "ClipBpeTokenizer",
                  "CLIP's BPE merges file, bpe_simple_vocab_16e6.txt.gz"),
     "hf": ("mmjax.data.hf_tokenizers", "HfTokenizer",
@@ -73,7 +75,8 @@ _PATH_KINDS = {
 
 def make_tokenizer(spec: str, max_len: int):
   """The tokenizer `config.data.tokenizer` names: 'byte' (this module's),
-  'sentencepiece:PATH' (`SentencePieceTokenizer`), 'clip_bpe:PATH' (OpenAI CLIP's BPE,
+  'sentencepiece:PATH' (`SentencePieceTokenizer`), 'siglip:PATH' (the same with SigLIP's
+  conventions: no bos, padded with eos), 'clip_bpe:PATH' (OpenAI CLIP's BPE,
   `hf_tokenizers.ClipBpeTokenizer`; CLIP's context is `max_len` 77) or 'hf:PATH' (a
   Hugging Face tokenizer.json, `hf_tokenizers.HfTokenizer`: WordPiece for BERT)."""
   if spec == "byte":
@@ -82,6 +85,7 @@ def make_tokenizer(spec: str, max_len: int):
   if kind in _PATH_KINDS and path:
     import importlib  # pylint: disable=g-import-not-at-top
     module, name, _ = _PATH_KINDS[kind]
-    return getattr(importlib.import_module(module), name)(path, max_len)
-  kinds = "; ".join(f"'{k}:PATH' ({what})" for k, (_, _, what) in _PATH_KINDS.items())
-  raise ValueError(f"data.tokenizer={spec!r}: expected 'byte' or one of {kinds}")
+    extra = dict(add_bos=False, pad_with_eos=True) if kind == "siglip" else {}
+    return getattr(importlib.import_module(module), name)(path, max_len, **extra)
+  kinds = ", ".join(f"'{k}:PATH' ({what})" for k, (_, _, what) in _PATH_KINDS.items())
+  raise ValueError(f"data.tokenizer={spec!r}: expected 'byte' or {kinds}")
