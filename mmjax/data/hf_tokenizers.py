@@ -70,8 +70,8 @@ def clean_text(text: str, use_ftfy: bool | None = None) -> str:
   twice, strip, collapse whitespace, lower-case.
 
   `use_ftfy`: None uses ftfy when it is installed. Without it a narrower fix runs
-  (Unicode NFC, curly quotes made straight, Latin ligatures and full-width forms
-  expanded, control characters dropped), which gives open_clip's ids on ordinary
+  (Unicode NFC, curly quotes made straight, Latin ligatures, digraphs and full-width
+  forms expanded, control characters dropped), which gives open_clip's ids on ordinary
   text but not where ftfy repairs mojibake or other rarer cases.
   """
   if use_ftfy is None:
@@ -89,10 +89,15 @@ _QUOTES = str.maketrans({"\u2018": "'", "\u2019": "'", "\u201a": "'", "\u201b": 
                          "\u201c": '"', "\u201d": '"', "\u201e": '"', "\u201f": '"'})
 
 
+# Latin ligatures and digraphs ftfy expands: ff, fi, ... st; IJ, ij, 'n; DZ, Dz, dz, LJ...
+_LIGATURES = frozenset("\u0132\u0133\u0149" + "".join(map(chr, range(0x1C4, 0x1CD)))
+                       + "\u01f1\u01f2\u01f3" + "".join(map(chr, range(0xFB00, 0xFB07))))
+
+
 def _basic_fix(text: str) -> str:
   out = []
   for ch in unicodedata.normalize("NFC", text):
-    if "\ufb00" <= ch <= "\ufb06" or "\uff01" <= ch <= "\uff5e":  # ligatures, full width
+    if ch in _LIGATURES or "\uff01" <= ch <= "\uff5e":   # ligatures, full-width forms
       ch = unicodedata.normalize("NFKC", ch)
     elif unicodedata.category(ch) == "Cc" and ch not in "\t\n\r":
       continue
