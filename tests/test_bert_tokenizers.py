@@ -96,6 +96,7 @@ def tiny_bert_dir(tmp_path_factory):
   path = tmp_path_factory.mktemp("tiny_bert")
   (path / "config.json").write_text(json.dumps(TINY))
   save_file(_tiny_state(), str(path / "model.safetensors"))
+  _wordpiece_file(path / "tokenizer.json")     # [SEP] is 3
   return path
 
 
@@ -103,8 +104,9 @@ IDS = np.array([[5, 7, 9, 3, 0, 0], [5, 11, 12, 13, 14, 3]], np.int32)
 
 
 def test_bert_loader_matches_numpy_mean_pooling_and_pooler(tiny_bert_dir):
-  encoder, params = hf_bert.load(tiny_bert_dir, eos_id=3)
+  encoder, params = hf_bert.load(tiny_bert_dir)
   assert (encoder.width, encoder.depth, encoder.mlp_dim, encoder.max_len) == (8, 2, 16, 12)
+  assert (encoder.pad_id, encoder.eos_id) == (0, 3)      # the tokenizer.json's
   hidden, mask = _numpy_bert(_tiny_state(), IDS)
   want = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
   got = jax.jit(encoder.apply)({"params": params}, jnp.asarray(IDS))
@@ -119,8 +121,7 @@ def test_bert_loader_matches_numpy_mean_pooling_and_pooler(tiny_bert_dir):
                      match=r"embed_norm/scale: checkpoint \(8,\), expected \(9,\)"):
     hf_bert.load_tower(other, tiny_bert_dir)
   # Scanned blocks read the same checkpoint, stacked; BERT's pooler reads its weights.
-  scanned, scanned_params = hf_bert.load(tiny_bert_dir, eos_id=3, scan_layers=True,
-                                         pool="pooler")
+  scanned, scanned_params = hf_bert.load(tiny_bert_dir, scan_layers=True, pool="pooler")
   assert scanned_params["encoder"]["blocks"]["attn"]["query"]["kernel"].shape == (2, 8, 2, 4)
   s = _tiny_state()
   pooled = np.tanh(hidden[:, 0] @ s["pooler.dense.weight"].T.astype(np.float64)

@@ -278,10 +278,11 @@ def load(model_dir: str, encoder: bert_lib.BertEncoder | None = None, *,
 
   Args:
     model_dir: holds config.json and the weights (module docstring).
-    encoder: the `BertEncoder` to load into; None builds the one `config.json` says
+    encoder: the `BertEncoder` to load into; None builds the one `config.json` says,
+      with the pad and end ids of the directory's tokenizer.json when it has one
       (`overrides`, e.g. `pool='cls'`, `dtype='bfloat16'`, `scan_layers=True`, are
       module fields set on top). A given encoder must agree with config.json on every
-      size; the first that differs is an error.
+      size; those that differ are an error.
     ignore: key prefixes to drop on purpose (module docstring).
 
   Raises:
@@ -292,6 +293,10 @@ def load(model_dir: str, encoder: bert_lib.BertEncoder | None = None, *,
   config_fields = encoder_fields(read_config(model_dir),
                                  where=os.path.join(os.fspath(model_dir), CONFIG_FILE))
   if encoder is None:
+    if os.path.isfile(os.path.join(os.fspath(model_dir), "tokenizer.json")):
+      from mmjax.data import hf_tokenizers  # pylint: disable=g-import-not-at-top
+      tok = hf_tokenizers.HfTokenizer(model_dir, config_fields["max_len"])
+      config_fields.update(pad_id=tok.pad_id, eos_id=tok.eos_id)
     encoder = registry.build_encoder("bert", "minilm_l6", **{**config_fields, **overrides})
   else:
     if overrides:
