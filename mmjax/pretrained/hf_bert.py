@@ -38,6 +38,7 @@ import numpy as np
 
 from mmjax.models import bert as bert_lib
 from mmjax.models import registry
+from mmjax.pretrained import formats
 from mmjax.pretrained.convert import CheckpointMismatchError
 
 CONFIG_FILE = "config.json"
@@ -115,30 +116,23 @@ def encoder_fields(config: Mapping[str, Any], where: str = CONFIG_FILE) -> dict:
 
 
 def read_state_dict(model_dir: str) -> dict[str, np.ndarray]:
-  """The directory's weights: name -> float numpy array (safetensors first)."""
+  """The directory's weights: name -> numpy array (safetensors first), read by
+  `mmjax.pretrained.formats` (any dtype; torch files only when torch is installed)."""
   model_dir = os.fspath(model_dir)
   single = os.path.join(model_dir, SAFETENSORS_FILE)
   index = os.path.join(model_dir, SAFETENSORS_INDEX)
   torch_file = os.path.join(model_dir, TORCH_FILE)
-  if os.path.isfile(single) or os.path.isfile(index):
-    from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-    if os.path.isfile(single):
-      return dict(load_file(single))
+  if os.path.isfile(single):
+    return formats.read_state_dict(single)
+  if os.path.isfile(index):
     with open(index, encoding="utf-8") as f:
       shards = sorted(set(json.load(f)["weight_map"].values()))
     state = {}
     for shard in shards:
-      state.update(load_file(os.path.join(model_dir, shard)))
+      state.update(formats.read_state_dict(os.path.join(model_dir, shard)))
     return state
   if os.path.isfile(torch_file):
-    try:
-      import torch  # pylint: disable=g-import-not-at-top
-    except ImportError:
-      raise ImportError(f"{torch_file}: reading pytorch_model.bin needs PyTorch; install "
-                        "it, or convert the file to model.safetensors") from None
-    state = torch.load(torch_file, map_location="cpu", weights_only=True)
-    return {k: v.float().numpy() if v.is_floating_point() else v.numpy()
-            for k, v in state.items()}
+    return formats.read_state_dict(torch_file)
   listing = sorted(os.listdir(model_dir)) if os.path.isdir(model_dir) else None
   raise ValueError(f"no weights in {model_dir!r}: expected {SAFETENSORS_FILE}, "
                    f"{SAFETENSORS_INDEX} or {TORCH_FILE}; "
