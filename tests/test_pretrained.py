@@ -187,7 +187,8 @@ def clip_state(seed=0):
         'visual.class_embedding': rand(rng, W), 'visual.positional_embedding': rand(rng, n, W),
         'visual.proj': rand(rng, W, EMBED), 'token_embedding.weight': rand(rng, VOCAB, W),
         'positional_embedding': rand(rng, CTX, W), 'text_projection': rand(rng, W, EMBED),
-        'logit_scale': np.float32(math.log(1 / 0.07))}
+        'logit_scale': np.float32(math.log(1 / 0.07)),
+        'attn_mask': np.triu(np.full((CTX, CTX), -np.inf, np.float32), 1)}   # a buffer
   for ln in ('visual.ln_pre', 'visual.ln_post', 'ln_final'):
     sd[ln + '.weight'], sd[ln + '.bias'] = 1 + rand(rng, W), rand(rng, W)
   for i in range(DEPTH):
@@ -329,6 +330,7 @@ def test_open_clip_safetensors_matches_reference_and_exports_exactly(tmp_path):
   model, abstract, batch = init(clip_model(), images, tokens)
   params, report = pretrained.load_model(abstract, path)
   assert report.source == 'open_clip' and report.loaded['logit_scale'] == 1
+  assert report.skipped == ['attn_mask']
   assert_close(run(model, params, batch), clip_reference(sd, images, tokens))
   exported = pretrained.export_open_clip(params, str(tmp_path / 'out.safetensors'))
   assert_exported_is(exported, sd)

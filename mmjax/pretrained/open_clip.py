@@ -38,6 +38,9 @@ from mmjax.pretrained import convert as c
 from mmjax.pretrained import timm_vit
 
 TOWERS = ('image', 'text')
+# Numbers OpenAI's TorchScript archives keep beside the weights (not loaded), and
+# attention-mask buffers.
+METADATA = ('input_resolution', 'context_length', 'vocab_size')
 SCALARS = {'logit_scale': ('model', 'logit_scale'), 'logit_bias': ('model', 'logit_bias')}
 
 # (width, depth, patch) -> the mmjax variant of OpenAI's image towers.
@@ -54,6 +57,8 @@ def _text_prefix(keys: Iterable[str]) -> str:
 
 def tower_of(key: str, text_prefix: str) -> str | None:
   """'image', 'text', 'scalar' or None (a name this layout does not know)."""
+  if key in METADATA or key.endswith('attn_mask'):
+    return 'metadata'
   if key.startswith('visual.'):
     return 'image'
   if key in SCALARS:
