@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from mmjax import config_lib, experiment
+from mmjax import config_lib, experiment, models
 from mmjax.data import pipeline
 from mmjax.models import lora as lora_lib
 from mmjax.train import checkpoint as ckpt_lib
@@ -24,7 +24,13 @@ LIT = (("towers_image", "frozen"), ("heads_image", "frozen"))
 
 
 def _tiny(**lora):
+  """tests/configs/tiny.py with smaller towers (patch stem, width 16) and `model.lora`."""
   c = config_lib.load_config(os.path.join(REPO, "tests", "configs", "tiny.py"))
+  c.model.embed_dim = 16
+  c.model.encoders.image = config_lib.encoder("vit", "mu", patch_size=8, width=16, depth=1,
+                                             num_heads=2, mlp_dim=32)
+  c.model.encoders.text = config_lib.encoder("text", "mu", width=16, depth=1, num_heads=2,
+                                            mlp_dim=32, max_len=56)
   c.optimizer.warmup_steps = 0
   for k, v in lora.items():
     c.model.lora[k] = v
@@ -44,44 +50,46 @@ def _param_bytes(tree, keep=lambda path: True) -> int:
   return sum(x.nbytes for path, x in _leaves(tree).items() if keep(path))
 
 
-def _run(config, mesh, steps=2):
-  """(initial params, final state) after `steps` train steps of `config` on `mesh`."""
-  featurize = experiment.make_featurize(config)
-  source = pipeline.make_source(config.data, "train")
-  model = experiment.build_model(config)
-  adapters = experiment.adapters_key(config)
-  tx = opt_lib.make_optimizer(config.optimizer, config.total_steps, adapters=adapters)
-  state = step_lib.create_train_state(model, tx, experiment.sample_batch(source, featurize),
-                                      jax.random.key(0), mesh)
+def _mlp_run(rules, mesh, steps=2):
+  """(initial params, final state, metrics) after `steps` CLIP steps of a two-tower MLP
+  model (modalities 'x' and 'y') under `rules`, on `mesh`."""
+  encoder = dict(kind="mlp", variant="mu", width=8, depth=1, norm="none")
+  model = models.MultimodalModel(encoders={"x": encoder, "y": encoder}, embed_dim=4)
+  config = config_lib.base_config()
+  config.optimizer.warmup_steps = 0
+  config.optimizer.rules = rules
+  rng = np.random.default_rng(0)
+  batch = {m: rng.normal(size=(8, 5)).astype(np.float32) for m in ("x", "y")}
+  batch["mask"] = {m: np.ones(8, bool) for m in ("x", "y")}
+  tx = opt_lib.make_optimizer(config.optimizer, 10)
+  state = step_lib.create_train_state(model, tx, batch, jax.random.key(0), mesh)
   initial = _leaves(state.params)
-  frozen = opt_lib.frozen_mask(config.optimizer, state.params, adapters=adapters)
+  frozen = opt_lib.frozen_mask(config.optimizer, state.params)
   train_step = step_lib.make_train_step(model, objectives.get("clip"), config.objective,
                                         mesh, frozen=frozen)
-  batch = pipeline.to_global(experiment.sample_batch(source, featurize, size=8), mesh)
+  batch = pipeline.to_global(batch, mesh)
   for i in range(steps):
     state, metrics = train_step(state, batch, jax.random.key(i))
-    assert np.isfinite(float(metrics["loss"]))
-  return initial, state
+  return initial, state, metrics
 
 
 def test_frozen_parts_stay_bit_identical_and_have_no_optimizer_state(mesh1):
-  config = _tiny()
-  config.optimizer.rules = LIT + (("towers_text/encoder", 0.5),)
-  initial, state = _run(config, mesh1)
+  initial, state, metrics = _mlp_run(
+      (("towers_x", "frozen"), ("heads_x", "frozen"), ("towers_y", 0.5)), mesh1)
   after = _leaves(state.params)
-  frozen = [p for p in initial if p.startswith(("towers_image", "heads_image"))]
+  frozen = [p for p in initial if p.startswith(("towers_x", "heads_x"))]
   assert frozen and len(frozen) < len(initial)
   for path in initial:
     if path in frozen:
       np.testing.assert_array_equal(after[path], initial[path], err_msg=path)
-  changed = [p for p in initial if p not in frozen and not np.array_equal(after[p],
-                                                                           initial[p])]
-  assert any(p.startswith("towers_text/encoder") for p in changed)
-  assert "heads_text/proj/kernel" in changed and "logit_scale" in changed
-  # AdamW's two moments of the trained params, and nothing for the frozen ones (the
-  # rest is step counters).
+    else:
+      assert not np.array_equal(after[path], initial[path]), path
+  # The state holds AdamW's two moments of the trained params and nothing for the
+  # frozen ones (the rest: step counters).
+  assert float(metrics["grad_norm"]) > 0
   trained = _param_bytes(state.params, lambda p: p not in frozen)
   assert 0 <= _state_bytes(state.opt_state) - 2 * trained <= 64
+  assert _state_bytes(state.opt_state.inner_states[opt_lib.FROZEN]) == 0
 
 
 def _toy():
@@ -104,9 +112,11 @@ def test_lr_multiplier_scales_the_update_exactly():
   params, grads = _toy()
   rules = opt_lib.parse_rules((("towers_image", "frozen"), ("towers_text/w", 0.1)))
   sgd = opt_lib.with_rules(optax.sgd(0.1), rules)
-  updates, _ = sgd.update(grads, sgd.init(params), params)
-  plain, _ = optax.sgd(0.1).update(grads, optax.sgd(0.1).init(params))
-  np.testing.assert_array_equal(updates["towers_text"]["w"], 0.1 * plain["towers_text"]["w"])
+  updates, _ = jax.jit(sgd.update)(grads, sgd.init(params), params)
+  plain, _ = jax.jit(optax.sgd(0.1).update)(grads, optax.sgd(0.1).init(params))
+  # 0.1 x the update, up to one rounding (under jit XLA may fold 0.1 into SGD's -lr).
+  np.testing.assert_allclose(updates["towers_text"]["w"], 0.1 * plain["towers_text"]["w"],
+                             rtol=1e-6, atol=0)
   np.testing.assert_array_equal(updates["towers_text"]["b"], plain["towers_text"]["b"])
   assert not np.any(np.asarray(updates["towers_image"]["w"]))
   # AdamW, clipping (over every gradient: nothing is frozen) and the clamp: the
@@ -115,10 +125,11 @@ def test_lr_multiplier_scales_the_update_exactly():
   base = opt_lib.make_optimizer(_opt_config(), 10)
   state = scaled.init(params)
   assert jax.tree.structure(state) == jax.tree.structure(base.init(params))
-  u_scaled, _ = scaled.update(grads, state, params)
-  u_base, _ = base.update(grads, base.init(params), params)
+  u_scaled, _ = jax.jit(scaled.update)(grads, state, params)
+  u_base, _ = jax.jit(base.update)(grads, base.init(params), params)
   for k in ("w", "b"):
-    np.testing.assert_array_equal(u_scaled["towers_text"][k], 0.1 * u_base["towers_text"][k])
+    np.testing.assert_allclose(u_scaled["towers_text"][k], 0.1 * u_base["towers_text"][k],
+                               rtol=1e-6, atol=0)
   np.testing.assert_array_equal(u_scaled["towers_image"]["w"], u_base["towers_image"]["w"])
 
 
@@ -224,14 +235,14 @@ def test_lora_run_trains_the_adapters_only_resumes_and_merges(tmp_path):
   config = _tiny(rank=2, towers=("text",))
   config.optimizer.rules = (("heads_text", 1.0),)
   config.optimizer.lr = 0.01
-  config.total_steps, config.checkpoint_every_steps, config.eval_every_steps = 3, 2, 100
+  config.total_steps, config.checkpoint_every_steps = 3, 2
+  del config.evals["retrieval"]          # evaluation runs `model.apply`: checked below
   workdir = str(tmp_path)
   trainer.train_and_evaluate(config, workdir)
   losses = {r["step"]: r["train/loss"] for r in log_lib.read_metrics(workdir)
             if "train/loss" in r}
   os.rename(os.path.join(workdir, "checkpoints", "3"), os.path.join(workdir, "step_3"))
   metrics = trainer.train_and_evaluate(config, workdir)       # resumes at step 2
-  assert np.isfinite(metrics["eval/retrieval/image->text/R@1"])
   assert metrics["train/loss"] == losses[3]
 
   model = experiment.build_model(config)
@@ -266,3 +277,12 @@ def test_lora_run_trains_the_adapters_only_resumes_and_merges(tmp_path):
   diff = np.abs(merged - unmerged).max()
   assert diff <= 1e-5 * np.abs(unmerged).max()
   assert np.abs(merged - base).max() > 100 * max(diff, 1e-7)
+
+
+def test_config_defaults_name_every_lora_kernel_and_no_rule():
+  base = config_lib.base_config()
+  assert tuple(base.model.lora.targets) == tuple(lora_lib.KERNELS) == config_lib.LORA_KERNELS
+  assert base.model.lora.rank == 0 and base.optimizer.rules == ()
+  assert experiment.adapters_key(base) is None
+  assert lora_lib.spec_from_config(config_lib.lora_config(rank=8)).scale == 1.0
+  assert lora_lib.spec_from_config(config_lib.lora_config(rank=8, alpha=16)).scale == 2.0
