@@ -293,10 +293,9 @@ def export_open_clip(params: Mapping[str, Any], path: Optional[str] = None, *,
       projection, else ''.
 
   Returns:
-    The state dict (name -> NumPy array, float32 as the params are; CLIP's layout also
-    has its causal `attn_mask` buffer), which open_clip's model of the same
-    architecture loads with `strict=True`. Loading it with `load_model(source=
-    'open_clip')` gives back the same params, bit for bit.
+    The state dict (name -> NumPy array, float32 as the params are), which open_clip's
+    model of the same architecture loads with `strict=True`. Loading it with
+    `load_model(source='open_clip')` gives back the same params, bit for bit.
   """
   flat = c.flatten(params)
   have = {p[0][len('towers_'):] for p in flat if p[0].startswith('towers_')}
@@ -328,11 +327,6 @@ def export_open_clip(params: Mapping[str, Any], path: Optional[str] = None, *,
           f"export: open_clip's {tower} tower has no place for these params:\n"
           + c._listing('params', left))  # pylint: disable=protected-access
     out.update(c.invert_rules(sub, rules, where=f'export of the {tower} tower'))
-    if tower == 'text' and text_prefix == '':
-      # CLIP keeps its causal mask as a buffer of the state dict: 0 on and below the
-      # diagonal, -inf above.
-      length = out['positional_embedding'].shape[0]
-      out['attn_mask'] = np.triu(np.full((length, length), -np.inf, np.float32), 1)
   for name in ('logit_scale', 'logit_bias'):
     if (name,) in flat:
       out[name] = np.asarray(flat[(name,)]).reshape(())
