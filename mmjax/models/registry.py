@@ -77,7 +77,8 @@ _TEXT_SIZES = {
 # QuickGELU, eps 1e-5; `text_projection` is the model's 'linear' head.
 # SigLIP B/16's (big_vision; SentencePiece vocabulary 32,000, 64 positions):
 # bidirectional, every token attended, pooled at the final position, tanh
-# GELU, eps 1e-6, a biased projection to the 768-wide embedding.
+# GELU, eps 1e-6, a biased projection to the 768-wide embedding; T5's </s> (1)
+# ends the text and pads it (data.tokenizer='siglip:PATH').
 _CLIP_TEXT = dict(vocab_size=49408, max_len=77, causal=True, pool='argmax',
                   mask_padding=False, activation='quick_gelu', ln_eps=1e-5,
                   eos_id=49407)
@@ -87,7 +88,8 @@ _TEXT_SIZES.update({
     'siglip_text_b16': dict(width=768, depth=12, num_heads=12, vocab_size=32000,
                             max_len=64, causal=False, pool='final',
                             mask_padding=False, activation='gelu_tanh',
-                            ln_eps=1e-6, proj_dim=768, proj_bias=True, eos_id=1),
+                            ln_eps=1e-6, proj_dim=768, proj_bias=True, pad_id=1,
+                            eos_id=1),
 })
 
 # AST (Gong et al. 2021) is a DeiT-B over 128 mel bins and 16x16 patches;
