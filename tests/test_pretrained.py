@@ -428,6 +428,14 @@ def test_towers_mapping_and_report(tmp_path):
   assert 'token_embedding.weight' in report.skipped
   assert isinstance(params['towers_text']['pos_embedding'], jax.ShapeDtypeStruct)
   assert 'heads_image: ' in str(report)
+  # One encoder from one tower of an in-memory big_vision state dict (scanned blocks).
+  _, siglip, _ = init(siglip_model(), images, tokens)
+  w = siglip_npz_state()
+  text, report = pretrained.load_encoder(siglip['towers_text'], w, tower='text')
+  np.testing.assert_array_equal(text['encoder']['block_1']['mlp']['fc2']['bias'],
+                                w['params/txt/Encoder_0/encoderblock/MlpBlock_0/Dense_1/bias'][1])
+  np.testing.assert_array_equal(text['head']['bias'], w['params/txt/head/bias'])
+  assert 'params/img/embedding/kernel' in report.skipped and 'params/t' in report.skipped
 
 
 # ------------------------------------------------------------------ bad input

@@ -22,6 +22,9 @@ from mmjax.pretrained import formats
 from mmjax.pretrained import open_clip
 from mmjax.pretrained import timm_vit
 
+# The modality name `load_encoder` gives the one encoder it loads.
+_ENCODER = '<encoder>'
+
 # Checkpoint sources (`init_from.format`) and the towers each has.
 SOURCES = {'open_clip': ('image', 'text'), 'timm': ('image',),
            'big_vision': ('image', 'text')}
@@ -128,7 +131,10 @@ def _check_source(source: Optional[str], state, where) -> str:
 
 def _as_state(checkpoint) -> tuple[dict, str]:
   if isinstance(checkpoint, Mapping):
-    return dict(checkpoint), '<state dict>'
+    state = dict(checkpoint)
+    if any('/' in k for k in state):
+      state = timm_vit.split_scanned(state)
+    return state, '<state dict>'
   return read_checkpoint(str(checkpoint)), str(checkpoint)
 
 
@@ -140,7 +146,9 @@ def _load_towers(flat_params, state, source, towers, heads, where):
   for modality, tower in towers.items():
     tower_root = (f'towers_{modality}',) if heads is not None else ()
     head_root = (heads or {}).get(modality)
-    here = f'{where}: checkpoint tower {tower!r} -> modality {modality!r}'
+    here = (f'{where}: checkpoint tower {tower!r} -> '
+            + (f'modality {modality!r}' if heads is not None and modality != _ENCODER
+               else 'the encoder'))
     target = {('tower',) + p[len(tower_root):]: c.spec_of(v) for p, v in flat_params.items()
               if p[:len(tower_root)] == tower_root}
     if not target:
@@ -262,13 +270,14 @@ def load_encoder(params: Mapping[str, Any], checkpoint, *, source: Optional[str]
   """
   state, where = _as_state(checkpoint)
   source = _check_source(source, state, where)
-  flat = {('towers_x',) + p: v for p, v in c.flatten(params).items()}
-  loaded, used, _ = _load_towers(flat, state, source, {'x': tower}, {'x': None}, where)
+  flat = {(f'towers_{_ENCODER}',) + p: v for p, v in c.flatten(params).items()}
+  loaded, used, _ = _load_towers(flat, state, source, {_ENCODER: tower}, {_ENCODER: None},
+                                 where)
   classify = _classify(state, source)
   unexpected = [k for k in state if k not in used and classify(k) in (None, tower)
                 and not _is_projection(k, source)]
   c.check_unexpected(unexpected, set(), where=where)
-  report = LoadReport(where, source, loaded={'encoder': loaded['towers_x']},
+  report = LoadReport(where, source, loaded={'encoder': loaded[f'towers_{_ENCODER}']},
                       skipped=sorted(set(state) - used))
   return c.unflatten({p[1:]: np.asarray(v) for p, v in flat.items()}), report
 
