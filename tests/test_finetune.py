@@ -13,7 +13,6 @@ from mmjax import config_lib, experiment, models
 from mmjax.data import pipeline
 from mmjax.models import lora as lora_lib
 from mmjax.train import checkpoint as ckpt_lib
-from mmjax.train import logging as log_lib
 from mmjax.train import mesh as mesh_lib
 from mmjax.train import objectives, trainer
 from mmjax.train import optimizer as opt_lib
@@ -227,23 +226,19 @@ def _sample(config, split="train", size=1):
   return experiment.sample_batch(source, experiment.make_featurize(config), size=size)
 
 
-def test_lora_run_trains_the_adapters_only_resumes_and_merges(tmp_path):
-  """A trainer run with LoRA on the text tower (and its head trained by a rule): the
-  base params stay as initialised, the adapters and the head train, the optimizer
-  state holds their moments only; a resume from the step-2 checkpoint repeats step 3
-  exactly; the merged params give the unmerged function."""
+def test_lora_run_trains_the_adapters_only_and_merges(tmp_path):
+  """A trainer run with LoRA on the text tower (and its head trained by a rule): its
+  checkpoint holds the adapters, the base params stay as initialised, the adapters and
+  the head train, the optimizer state holds their moments only; the merged params give
+  the unmerged function."""
   config = _tiny(rank=2, towers=("text",))
   config.optimizer.rules = (("heads_text", 1.0),)
   config.optimizer.lr = 0.01
-  config.total_steps, config.checkpoint_every_steps = 3, 2
+  config.total_steps = config.checkpoint_every_steps = 2
   del config.evals["retrieval"]          # evaluation runs `model.apply`: checked below
   workdir = str(tmp_path)
-  trainer.train_and_evaluate(config, workdir)
-  losses = {r["step"]: r["train/loss"] for r in log_lib.read_metrics(workdir)
-            if "train/loss" in r}
-  os.rename(os.path.join(workdir, "checkpoints", "3"), os.path.join(workdir, "step_3"))
-  metrics = trainer.train_and_evaluate(config, workdir)       # resumes at step 2
-  assert metrics["train/loss"] == losses[3]
+  metrics = trainer.train_and_evaluate(config, workdir)
+  assert np.isfinite(metrics["train/loss"])
 
   model = experiment.build_model(config)
   tx = opt_lib.make_optimizer(config.optimizer, config.total_steps,
@@ -253,7 +248,7 @@ def test_lora_run_trains_the_adapters_only_resumes_and_merges(tmp_path):
                                         mesh_lib.make_mesh(config.mesh))
   manager = ckpt_lib.make_manager(workdir, read_only=True)
   try:
-    final = ckpt_lib.restore(manager, 3, step_lib.abstract_state(initial))
+    final = ckpt_lib.restore(manager, 2, step_lib.abstract_state(initial))
   finally:
     manager.close()
   before, after = _leaves(initial.params), _leaves(final.params)
