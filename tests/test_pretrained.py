@@ -438,6 +438,91 @@ def test_towers_mapping_and_report(tmp_path):
   assert 'params/img/embedding/kernel' in report.skipped and 'params/t' in report.skipped
 
 
+def write_torchscript(path, modules, monkeypatch):
+  """A TorchScript archive like OpenAI's CLIP .pt (module objects holding tensors in
+  `data.pkl`, storages in `data/`), written with plain pickle: `modules` is a nested
+  dict of float32 arrays."""
+  import collections
+  import io
+  import pickle
+  import sys
+  import types
+  fake = {n: types.ModuleType(n) for n in ('torch', 'torch._utils', '__torch__',
+                                           '__torch__.model')}
+  for name, module in fake.items():
+    monkeypatch.setitem(sys.modules, name, module)
+
+  class FloatStorage:
+    pass
+
+  def _rebuild_tensor_v2(*args):
+    del args
+
+  class CLIP:
+    def __init__(self, attributes):
+      self.attributes = attributes
+
+    def __reduce__(self):
+      return CLIP, (), self.attributes
+
+  for obj, module in ((FloatStorage, 'torch'), (_rebuild_tensor_v2, 'torch._utils'),
+                      (CLIP, '__torch__.model')):
+    obj.__module__, obj.__qualname__ = module, obj.__name__
+    setattr(fake[module], obj.__name__, obj)
+  storages = []
+
+  class Tensor:
+    def __init__(self, array):
+      self.array = array
+
+    def __reduce__(self):
+      storages.append(self.array)
+      stride = [int(x) // 4 for x in self.array.strides]
+      return _rebuild_tensor_v2, (('storage', len(storages) - 1), 0, self.array.shape,
+                                  tuple(stride), False, collections.OrderedDict())
+
+  class Writer(pickle.Pickler):
+    def persistent_id(self, obj):
+      if isinstance(obj, tuple) and obj[:1] == ('storage',):
+        key = obj[1]
+        return ('storage', FloatStorage, str(key), 'cpu', storages[key].size)
+      return None
+
+  def build(tree):
+    return CLIP({k: build(v) if isinstance(v, dict) else Tensor(v) for k, v in tree.items()})
+
+  data = io.BytesIO()
+  Writer(data, protocol=2).dump(build(modules))
+  with zipfile.ZipFile(path, 'w') as z:
+    z.writestr('model/data.pkl', data.getvalue())
+    z.writestr('model/constants.pkl', pickle.dumps(()))
+    for i, array in enumerate(storages):
+      z.writestr(f'model/data/{i}', np.ascontiguousarray(array).tobytes())
+
+
+def test_openai_torchscript_pt_reads_without_torch(tmp_path, monkeypatch):
+  sd = clip_state()
+  nested = {}
+  for key, value in sd.items():
+    node = nested
+    *parents, leaf = key.split('.')
+    for part in parents:
+      node = node.setdefault(part, {})
+    node[leaf] = np.asarray(value, np.float32)
+  nested.update(input_resolution=np.array(IMG, np.float32))   # OpenAI's numbers, skipped
+  path = str(tmp_path / 'ViT-tiny.pt')
+  write_torchscript(path, nested, monkeypatch)
+  read = pretrained.read_state_dict(path)
+  assert sorted(read) == sorted(list(sd) + ['input_resolution'])
+  for k, v in sd.items():
+    np.testing.assert_array_equal(read[k], v, err_msg=k)
+  images, tokens = inputs()
+  _, abstract, _ = init(clip_model(), images, tokens)
+  params, report = pretrained.load_model(abstract, path)
+  assert 'input_resolution' in report.skipped
+  np.testing.assert_array_equal(params['heads_text']['proj']['kernel'], sd['text_projection'])
+
+
 # ------------------------------------------------------------------ bad input
 
 def test_missing_file_and_unknown_format(tmp_path):

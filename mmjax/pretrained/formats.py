@@ -3,16 +3,22 @@
 - `.safetensors`: the `safetensors` library (open_clip / Hugging Face and timm files);
   any dtype, bfloat16 through `ml_dtypes`.
 - `.bin`, `.pt`, `.pth`: `torch.load(weights_only=True)`, only when torch is installed
-  (PyTorch state dicts); OpenAI's TorchScript `.pt` archives through `torch.jit.load`.
+  (PyTorch state dicts). OpenAI's `.pt` files are TorchScript archives, which
+  `weights_only=True` refuses: their tensors are read here, torch or not, by an
+  unpickler that admits nothing but module objects (as attribute holders), ordered
+  dicts and tensor storages (`read_torchscript`).
 - `.npz`: `numpy.load(allow_pickle=False)` (big_vision and timm / Google ViT files).
 
-Nothing is ever unpickled beyond what `torch.load(weights_only=True)` allows (tensors
-and plain containers); a `.npz` holding Python objects is refused by NumPy.
+Nothing is ever unpickled beyond tensors and plain containers; a `.npz` holding Python
+objects is refused by NumPy.
 """
 
 from __future__ import annotations
 
+import collections
 import os
+import pickle
+import zipfile
 from typing import Mapping, Optional
 
 import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy for safetensors)
@@ -31,8 +37,7 @@ _TORCH_MISSING = (
     '  python -c "import torch, safetensors.torch as st; sd = torch.load(\'{path}\', '
     'map_location=\'cpu\', weights_only=True); st.save_file({{k: v.contiguous() for k, v '
     'in sd.items()}}, \'{stem}.safetensors\')"\n'
-    "(OpenAI's TorchScript .pt: torch.jit.load('{path}', map_location='cpu')"
-    '.state_dict() instead of torch.load), then load the .safetensors file.')
+    'then load the .safetensors file.')
 
 
 def file_type(path: str) -> str:
@@ -78,22 +83,21 @@ def _read_safetensors(path: str) -> dict[str, np.ndarray]:
 
 
 def _read_torch(path: str) -> dict[str, np.ndarray]:
+  if zipfile.is_zipfile(path) and _is_torchscript(path):
+    try:
+      return read_torchscript(path)
+    except (pickle.UnpicklingError, KeyError, ValueError, EOFError) as e:
+      raise ValueError(f'{path} is not a readable TorchScript archive: {e}') from None
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError:
     stem = os.path.splitext(path)[0]
     raise ImportError(_TORCH_MISSING.format(path=path, stem=stem)) from None
-  import zipfile  # pylint: disable=g-import-not-at-top
-  if zipfile.is_zipfile(path) and _is_torchscript(path):
-    # OpenAI's CLIP .pt files are TorchScript archives: their weights are read by
-    # TorchScript's own loader, which runs no Python pickles.
-    state = torch.jit.load(path, map_location='cpu').state_dict()
-  else:
-    try:
-      state = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:  # torch raises UnpicklingError, RuntimeError, ...
-      raise ValueError(f'{path} is not a PyTorch state dict that loads with '
-                       f'weights_only=True: {type(e).__name__}: {e}') from None
+  try:
+    state = torch.load(path, map_location='cpu', weights_only=True)
+  except Exception as e:  # torch raises UnpicklingError, RuntimeError, ...
+    raise ValueError(f'{path} is not a PyTorch state dict that loads with '
+                     f'weights_only=True: {type(e).__name__}: {e}') from None
   if isinstance(state, Mapping) and 'state_dict' in state and isinstance(
       state['state_dict'], Mapping):
     state = state['state_dict']     # training checkpoints wrap the state dict
@@ -112,9 +116,91 @@ def _read_torch(path: str) -> dict[str, np.ndarray]:
 
 
 def _is_torchscript(path: str) -> bool:
-  import zipfile  # pylint: disable=g-import-not-at-top
   with zipfile.ZipFile(path) as z:
     return any(n.endswith('constants.pkl') or '/code/' in n for n in z.namelist())
+
+
+# TorchScript's storage classes -> NumPy dtypes.
+_STORAGE_DTYPES = {
+    'FloatStorage': np.float32, 'HalfStorage': np.float16,
+    'BFloat16Storage': ml_dtypes.bfloat16, 'DoubleStorage': np.float64,
+    'LongStorage': np.int64, 'IntStorage': np.int32, 'ShortStorage': np.int16,
+    'CharStorage': np.int8, 'ByteStorage': np.uint8, 'BoolStorage': np.bool_}
+
+
+# TorchScript's typed containers and type tags, kept as their plain values; a tensor
+# stored among the archive's constants is not a weight (None).
+_SCRIPT_LISTS = {
+    'build_intlist': list, 'build_doublelist': list, 'build_boollist': list,
+    'build_tensorlist': list, 'build_stringlist': list,
+    'restore_type_tag': lambda value, type_tag: value,
+    'build_tensor_from_id': lambda index: None}
+
+
+class _ScriptObject:
+  """A TorchScript module of an archive: only its attributes are kept."""
+
+  def __setstate__(self, state):
+    self.attributes = state
+
+
+class _ScriptUnpickler(pickle.Unpickler):
+  """Reads a TorchScript archive's `data.pkl` allowing nothing but its module objects
+  (as attribute holders), ordered dicts and tensors (rebuilt as NumPy arrays from the
+  archive's storages); any other global is an error. No code of the archive runs."""
+
+  def __init__(self, file, archive: zipfile.ZipFile, prefix: str, path: str):
+    super().__init__(file)
+    self.archive, self.prefix, self.path = archive, prefix, path
+
+  def find_class(self, module, name):
+    if module == 'torch._utils' and name == '_rebuild_tensor_v2':
+      return self.rebuild_tensor
+    if module == 'torch' and name in _STORAGE_DTYPES:
+      return name
+    if module == 'collections' and name == 'OrderedDict':
+      return collections.OrderedDict
+    if module == 'torch.jit._pickle' and name in _SCRIPT_LISTS:
+      return _SCRIPT_LISTS[name]
+    if module.startswith('__torch__.'):
+      return _ScriptObject
+    raise pickle.UnpicklingError(
+        f'{self.path}: the TorchScript archive names {module}.{name}, which is not a '
+        'module, a tensor or a storage; not read')
+
+  def persistent_load(self, pid):
+    _, storage, key, _, _ = pid
+    return np.frombuffer(self.archive.read(f'{self.prefix}data/{key}'),
+                         _STORAGE_DTYPES[storage])
+
+  @staticmethod
+  def rebuild_tensor(storage, offset, size, stride, *unused):
+    del unused
+    strides = [s * storage.itemsize for s in stride]
+    return np.lib.stride_tricks.as_strided(storage[offset:], tuple(size), strides).copy()
+
+
+def read_torchscript(path: str) -> dict[str, np.ndarray]:
+  """The tensors of a TorchScript archive (OpenAI's CLIP `.pt` files) by their
+  state-dict names, read without torch and without running any of its code."""
+  with zipfile.ZipFile(path) as archive:
+    pickles = [n for n in archive.namelist() if n.endswith('/data.pkl')]
+    if not pickles:
+      raise ValueError(f'{path}: a TorchScript archive without data.pkl')
+    prefix = pickles[0][:-len('data.pkl')]
+    with archive.open(pickles[0]) as f:
+      root = _ScriptUnpickler(f, archive, prefix, path).load()
+  out: dict[str, np.ndarray] = {}
+
+  def collect(obj, name):
+    for key, value in getattr(obj, 'attributes', {}).items():
+      if isinstance(value, np.ndarray):
+        out[name + key] = value
+      elif isinstance(value, _ScriptObject):
+        collect(value, f'{name}{key}.')
+
+  collect(root, '')
+  return out
 
 
 def write_safetensors(path: str, state: Mapping[str, np.ndarray],
