@@ -383,6 +383,7 @@ def test_every_kind_builds_from_its_default_variant():
   inputs = {
       'vit': jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32),
       'text': jax.ShapeDtypeStruct((2, 80), jnp.int32),
+      'bert': jax.ShapeDtypeStruct((2, 80), jnp.int32),
       'audio': jax.ShapeDtypeStruct((2, 16000), jnp.float32),
       'timeseries': jax.ShapeDtypeStruct((2, 64, 1), jnp.float32),
       'mlp': jax.ShapeDtypeStruct((2, 7), jnp.float32),

@@ -230,3 +230,13 @@ def test_config_differences_names_fields():
   a = {"model": {"embed_dim": 32, "encoders": {"image": {"width": 8}}}, "total_steps": 5}
   b = {"model": {"embed_dim": 32, "encoders": {"image": {"width": 16}}}, "total_steps": 9}
   assert ckpt_lib.config_differences(a, b) == ["model.encoders.image.width: 8 -> 16"]
+
+
+def test_a_field_added_since_the_checkpoint_is_compatible_at_its_default():
+  saved = {"model": {"embed_dim": 32}}
+  at_default = {"model": {"embed_dim": 32, "lora": {"rank": 0}}}
+  changed = {"model": {"embed_dim": 32, "lora": {"rank": 8}}}
+  assert ckpt_lib.config_differences(saved, at_default) == []
+  assert ckpt_lib.config_differences(saved, changed) == ["model.lora.rank: '<absent>' -> 8"]
+  # Present in both and different is a difference, defaults or not.
+  assert ckpt_lib.config_differences(changed, at_default) == ["model.lora.rank: 8 -> 0"]

@@ -221,10 +221,19 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any],
                        fields=COMPATIBLE_FIELDS) -> list[str]:
-  """'field: saved -> current' for every compatibility field that differs."""
+  """'field: saved -> current' for every compatibility field that differs.
+
+  A field the saved config lacks and the current one holds at its default value
+  (`config_lib.base_config`) is not a difference: it was added to mmjax after the
+  checkpoint was written, and its default computes what the older code did.
+  """
+  from mmjax import config_lib  # pylint: disable=g-import-not-at-top
   a, b = _flatten(saved), _flatten(current)
+  defaults = _flatten(config_lib.base_config().to_dict())
   diffs = []
   for key in sorted(set(a) | set(b)):
+    if key not in a and key in defaults and b.get(key) == defaults[key]:
+      continue
     if any(key == f or key.startswith(f + ".") for f in fields):
       if a.get(key, "<absent>") != b.get(key, "<absent>"):
         diffs.append(f"{key}: {a.get(key, '<absent>')!r} -> {b.get(key, '<absent>')!r}")
