@@ -196,7 +196,7 @@ def base_config() -> ml_collections.ConfigDict:
   # its own checkpoints does not read it again. path "": none.
   c.init_from = ml_collections.ConfigDict()
   c.init_from.path = ""
-  c.init_from.format = "auto"       # auto | open_clip | timm | big_vision
+  c.init_from.format = "auto"       # auto | open_clip | timm | big_vision | hf_bert
   # modality -> the checkpoint's tower ("image", "text"); empty: each of the
   # checkpoint's towers into the modality of the same name.
   c.init_from.towers = ml_collections.ConfigDict()

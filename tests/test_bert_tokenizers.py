@@ -355,3 +355,21 @@ def test_image_preset_through_a_tfds_source(tmp_path):
                                 augment.pixel_transform(16, image_preset="clip")(photo))
   config.image_size = 0      # the preset's side
   assert pipeline.make_source(config, "test")[0]["image"].shape == (224, 224, 3)
+
+
+def test_init_from_reads_a_bert_directory_into_the_text_tower(tiny_bert_dir):
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from mmjax import pretrained  # pylint: disable=g-import-not-at-top
+  _, tower = hf_bert.load(tiny_bert_dir)
+  params = {"towers_text": jax.tree.map(np.zeros_like, tower),
+            "heads_text": {"proj": {"kernel": np.ones((8, 4), np.float32)}},
+            "logit_scale": np.float32(2.0)}
+  init_from = ml_collections.ConfigDict(
+      {"path": str(tiny_bert_dir), "format": "auto", "towers": {}, "scalars": True})
+  loaded, report = pretrained.load_from_config(params, init_from)
+  assert jax.tree.all(jax.tree.map(np.array_equal, loaded["towers_text"], tower))
+  assert loaded["heads_text"] is params["heads_text"] and report.source == "hf_bert"
+  assert "heads_text" in report.kept and "logit_scale" in report.kept
+  init_from.towers = {"text": "image"}
+  with pytest.raises(ValueError, match="a BERT checkpoint has one tower, text"):
+    pretrained.load_from_config(params, init_from)

@@ -12,6 +12,8 @@ alike; every array is cast to the dtype of the parameter it replaces.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from typing import Any, Mapping, Optional
 
 import numpy as np
@@ -253,12 +255,50 @@ def load_from_config(params: Mapping[str, Any], init_from) -> tuple[dict, LoadRe
       raise ValueError(f"init_from.towers.{modality}={tower!r}: a checkpoint tower is "
                        f"'image' or 'text'")
   try:
+    if init_from.format == 'hf_bert' or (init_from.format in ('', 'auto')
+                                         and _is_hf_bert_dir(path)):
+      return _load_hf_bert(params, path, towers)
     return load_model(params, path, source=init_from.format, towers=towers,
                       scalars=init_from.scalars)
   except FileNotFoundError as e:
     raise FileNotFoundError(f'init_from.path: {e}') from None
   except (ValueError, ImportError) as e:
     raise type(e)(f'init_from: {e}') from None
+
+
+def _is_hf_bert_dir(path: str) -> bool:
+  """A Hugging Face model directory whose config.json says model_type 'bert'."""
+  config = os.path.join(path, 'config.json')
+  if not os.path.isfile(config):
+    return False
+  with open(config) as f:
+    try:
+      return json.load(f).get('model_type') == 'bert'
+    except (json.JSONDecodeError, AttributeError):
+      return False
+
+
+def _load_hf_bert(params, path, towers) -> tuple[dict, LoadReport]:
+  """The text towers `towers` names (default: 'text') from a Hugging Face BERT
+  directory (`hf_bert.load_tower`); the projection heads and scalars stay as
+  initialised: the checkpoint has none."""
+  from mmjax.pretrained import hf_bert  # pylint: disable=g-import-not-at-top
+  towers = towers or {'text': 'text'}
+  bad = {m: t for m, t in towers.items() if t != 'text'}
+  if bad:
+    raise ValueError(f'init_from.towers {bad}: a BERT checkpoint has one tower, text')
+  out = dict(params)
+  report = LoadReport(path, 'hf_bert')
+  for modality in towers:
+    name = f'towers_{modality}'
+    if name not in params:
+      raise ValueError(f'init_from.towers.{modality}: the model has no encoder '
+                       f'{modality!r}; its towers: '
+                       f'{sorted(k for k in params if k.startswith("towers_"))}')
+    out[name] = hf_bert.load_tower(params[name], path)
+    report.loaded[name] = len(c.flatten(out[name]))
+  report.kept = sorted(k for k in params if k not in {f'towers_{m}' for m in towers})
+  return out, report
 
 
 def load_encoder(params: Mapping[str, Any], checkpoint, *, source: Optional[str] = 'auto',
