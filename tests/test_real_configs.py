@@ -6,6 +6,7 @@ prepared once for the module; a dataset that is not prepared names its prepare c
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -117,3 +118,21 @@ def test_a_dataset_not_prepared_names_its_prepare_command(name, command, tmp_pat
     pipeline.make_source(config.data, "train")
   assert command in str(e.value) and f"--data_dir={tmp_path / 'empty'}" in str(e.value)
   assert "--config.data.data_dir" in str(e.value)
+
+
+def test_lit_locks_the_image_tower_and_its_head_only(data_dir, mesh8):
+  from mmjax.train import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
+  full = _config("lit", None, data_dir)
+  assert (full.model.encoders.image.variant, full.model.encoders.text.variant) == (
+      "clip_vit_b16", "clip_text_b")
+  assert dict(full.init_from.towers) == {"image": "image"} and not full.init_from.scalars
+  config = _config("lit", "runlocal", data_dir)
+  experiment.check_config(config, mesh8)
+  model = experiment.build_model(config)
+  batch = {"image": jnp.zeros((2, 16, 16, 3)), "text": jnp.zeros((2, 80), jnp.int32),
+           "mask": {"image": jnp.ones(2, bool), "text": jnp.ones(2, bool)}}
+  params = jax.eval_shape(lambda: model.init(jax.random.key(0), batch))["params"]
+  mask = optimizer_lib.frozen_mask(config.optimizer, params)
+  for path, frozen in jax.tree_util.tree_leaves_with_path(mask):
+    top = path[0].key
+    assert frozen == (top in ("towers_image", "heads_image")), (top, frozen)
