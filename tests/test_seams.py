@@ -41,9 +41,9 @@ def test_evals_import_nothing_from_train():
 
 
 def test_the_library_rooms_import_no_runner():
-  # data, models, fusion and align know nothing of training, evaluation or the
+  # data, models, fusion, align and pretrained know nothing of training, evaluation or the
   # experiment setup that joins them.
-  for room in ("data", "models", "fusion", "align"):
+  for room in ("data", "models", "fusion", "align", "pretrained"):
     for path in _modules(os.path.join(PACKAGE, room)):
       bad = [n for n in _imports(path) if n.split(".")[:2] in (
           ["mmjax", "train"], ["mmjax", "evals"], ["mmjax", "experiment"])]
