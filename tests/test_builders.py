@@ -392,6 +392,9 @@ def test_audio_captions_clotho(clotho_dir, clotho_prepared, tmp_path):
   assert p.name == "mmjax_audio_captions/clotho:1.0.0"
   assert p.counts == {"train": 2, "validation": 1, "test": 1}
   assert not p.skipped                  # several channels are mixed down, not refused
+  assert {s: [os.path.basename(f) for f in v] for s, v in p.mixed_down.items()} == {
+      "train": ["birds_02.wav"], "validation": ["door.wav"]}             # and named
+  assert "mixed down 1 multi-channel audio file(s) of validation to mono" in p.summary()
   for split, csv_split in (("train", "development"), ("validation", "validation"),
                            ("test", "evaluation")):
     for r in _records(p.name, p.data_dir, split):

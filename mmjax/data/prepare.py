@@ -55,13 +55,15 @@ OPTION_FLAGS = ("config", "sample_rate", "seed", "on_bad_file")
 @dataclasses.dataclass
 class Prepared:
   """What `prepare` wrote: `name` ('tfds_name/config:version', data.name), `data_dir`,
-  examples per split, skipped files per split, and whether an earlier copy was reused."""
+  examples per split, skipped files per split, multi-channel audio files mixed down to
+  mono per split, and whether an earlier copy was reused."""
   name: str
   data_dir: str
   counts: dict
   skipped: dict
   reused: bool
   usage: dict
+  mixed_down: dict = dataclasses.field(default_factory=dict)
 
   def summary(self) -> str:
     lines = [f"{'Reused' if self.reused else 'Prepared'} {self.name} in {self.data_dir}"
@@ -69,6 +71,9 @@ class Prepared:
     lines += [f"  {split:<12}{n:>8} examples" for split, n in self.counts.items()]
     for split, paths in self.skipped.items():
       lines.append(f"  skipped {len(paths)} unreadable file(s) of {split}, e.g. {paths[0]}")
+    for split, paths in self.mixed_down.items():
+      lines.append(f"  mixed down {len(paths)} multi-channel audio file(s) of {split} to "
+                   f"mono (channels averaged), e.g. {paths[0]}")
     u = self.usage
     features = ", ".join(f"{m!r}: {p!r}" for m, p in u["features"].items())
     fields = "".join(f", {k}={v!r}" for k, v in u["fields"].items())
@@ -123,7 +128,8 @@ def prepare(name: str, manual_dir: str, data_dir: str, *, overwrite: bool = Fals
   return Prepared(name=f"{module.TFDS_NAME}/{config.name}:{info.version}",
                   data_dir=data_dir, counts=counts,
                   skipped={s: p for s, p in builder.skipped.items() if p}, reused=reused,
-                  usage=module.usage(config))
+                  usage=module.usage(config),
+                  mixed_down={s: p for s, p in builder.mixed_down.items() if p})
 
 
 def main(argv):

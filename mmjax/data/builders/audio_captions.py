@@ -176,6 +176,6 @@ class Builder(common.LocalBuilder, skip_registration=True):
       if not os.path.isfile(path):
         self.bad_file(split, path, "does not exist (the CSV lists it)")
         continue
-      audio = self.read(split, path, common.read_audio, rate)
+      audio = self.read_audio(split, path, rate)
       if audio is not None:
         yield audio_id, {"audio": audio, "audio_id": audio_id, "captions": captions}

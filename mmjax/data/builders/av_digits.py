@@ -227,7 +227,7 @@ class Builder(common.LocalBuilder, skip_registration=True):
     config = self.builder_config
     for (digit, speaker, take, path), image in common.split_progress(
         pairs, len(pairs), f"av_digits {split}"):
-      audio = self.read(split, path, common.read_audio, config.sample_rate)
+      audio = self.read_audio(split, path, config.sample_rate)
       if audio is None:
         continue
       audio_id = f"{digit}_{speaker}_{take}"

@@ -77,6 +77,7 @@ class LocalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       raise TypeError(f"{type(self).__name__} needs its config object (from its module's "
                       f"make_config), got {config!r}")
     self.skipped: dict[str, list[str]] = {}
+    self.mixed_down: dict[str, list[str]] = {}   # split -> multi-channel audio files
     super().__init__(config=config, **kwargs)
 
   def _description(self, text: str) -> str:
@@ -92,13 +93,21 @@ class LocalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     self.skipped.setdefault(split, []).append(path)
     _LOG.warning("skipping %s: %s", path, reason)
 
-  def read(self, split: str, path: str, reader, *args):
+  def read(self, split: str, path: str, reader, *args, **kwargs):
     """`reader(path, *args)`, or None when the file is bad and the policy skips it."""
     try:
-      return reader(path, *args)
+      return reader(path, *args, **kwargs)
     except UnreadableFile as e:
       self.bad_file(split, path, str(e))
       return None
+
+  def read_audio(self, split: str, path: str, sample_rate: int):
+    """`read(split, path, read_audio, sample_rate)`, recording multi-channel files (mixed
+    down to mono: the prepare summary counts and names them)."""
+    def note(channels):
+      self.mixed_down.setdefault(split, []).append(path)
+      _LOG.info("%s has %d channels: averaged to mono", path, channels)
+    return self.read(split, path, read_audio, sample_rate, on_mixdown=note)
 
   def _download_and_prepare(self, dl_manager, download_config=None):
     # The skip counts are known only once the examples are written: record them in the
@@ -136,13 +145,14 @@ def split_progress(items: Iterable, total: int, desc: str):
   return tqdm.tqdm(items, total=total, desc=desc, unit="file", leave=False, delay=0.5)
 
 
-def read_audio(path: str, sample_rate: int) -> np.ndarray:
+def read_audio(path: str, sample_rate: int, on_mixdown=None) -> np.ndarray:
   """The file as int16 mono [T] at `sample_rate` Hz.
 
   Integer PCM and float samples are read (libsndfile: WAV, FLAC, AIFF); several
   channels are averaged to one; another rate is resampled with a polyphase filter
   (`scipy.signal.resample_poly`); float samples are clipped to [-1, 1). A mono 16-bit
-  file at `sample_rate` is returned sample for sample.
+  file at `sample_rate` is returned sample for sample. `on_mixdown(channels)`, if given,
+  is called for a file of several channels.
 
   Raises:
     UnreadableFile: not an audio file libsndfile reads, or a compressed sample format.
@@ -163,6 +173,8 @@ def read_audio(path: str, sample_rate: int) -> np.ndarray:
     data, rate = soundfile.read(path, dtype="float64", always_2d=True)
   except (soundfile.LibsndfileError, RuntimeError) as e:
     raise UnreadableFile(f"cannot be read as audio ({e})") from None
+  if data.shape[1] > 1 and on_mixdown is not None:
+    on_mixdown(data.shape[1])
   wave = data.mean(axis=1)
   if rate != sample_rate:
     from scipy import signal  # pylint: disable=g-import-not-at-top

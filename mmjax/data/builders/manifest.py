@@ -217,8 +217,7 @@ class Builder(common.LocalBuilder, skip_registration=True):
                             ("JPEG", "PNG"), "PNG")
           value = None if value is None else value[0]
         elif kind == "audio":
-          value = self.read(split, resolve(manual_dir, value), common.read_audio,
-                            config.sample_rate)
+          value = self.read_audio(split, resolve(manual_dir, value), config.sample_rate)
         if value is None:
           break
         example[key] = value
