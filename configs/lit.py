@@ -8,7 +8,8 @@ checkpoint file you already have (docs/pretrained.md): its tower and its project
 state and stay bit for bit as loaded. The text tower is CLIP's text-B architecture
 (`clip_text_b`) trained from its initialisation, with CLIP's BPE tokenizer read from its
 merges file (`bpe_simple_vocab_16e6.txt.gz`, shipped with open_clip). Images get CLIP's
-own preprocessing (`data.image_preset='clip'`). LiT's "Lu" setting: locked, from a
+own preprocessing (`data.image_preset='clip'`); data, objective and the COCO evaluator
+are configs/coco_clip.py's. LiT's "Lu" setting: locked, from a
 pretrained image model; the text side and the temperature learn.
 
   python -m mmjax.data.prepare coco_captions --config=captions --manual_dir=RAW \\
@@ -28,61 +29,49 @@ the image head is new: unlock it with `optimizer.rules = (('towers_image', 'froz
 is locked at its random initialisation), to check the path.
 """
 
+import os
+
 import ml_collections
 
 from mmjax import config_lib
 
-NAME = "mmjax_coco_captions/captions:1.0.0"
 LOCKED = (("towers_image", "frozen"), ("heads_image", "frozen"))
 
 
+def _coco_clip(arg):
+  return config_lib.load_config_module(os.path.join(
+      os.path.dirname(os.path.abspath(__file__)), "coco_clip.py")).get_config(arg)
+
+
 def get_config(arg=None):
-  if arg not in (None, "", "runlocal"):
-    raise ValueError(f"unknown config variant {arg!r}; valid: 'runlocal'")
-  c = config_lib.base_config()
+  """configs/coco_clip.py's data, objective and evaluator (its `:runlocal` too), with
+  the published towers, CLIP's preprocessing and the locking rules."""
+  c = _coco_clip(arg)
   c.name = "lit"
+  c.optimizer.rules = LOCKED
+  c.init_from.towers = ml_collections.ConfigDict({"image": "image"})
+  c.init_from.scalars = False     # the temperature learns with the text side
+  if arg == "runlocal":
+    c.model.encoders.image.depth = 1    # a locked block, not only the patch embedding
+    return c
   c.total_steps = 5000
   c.batch_size = 256
   c.log_every_steps = 50
   c.checkpoint_every_steps = 1000
   c.eval_every_steps = 1000
-  c.data = config_lib.tfds_data(
-      NAME, {"image": "image", "text": "captions"},
-      splits={"train": "train", "validation": "validation", "test": "validation"},
-      image_preset="clip", image_size=224, text_max_len=77)
+  c.data.image_preset = "clip"    # CLIP's own resize and centre crop, mean and std
+  c.data.image_norm = "none"
+  c.data.image_augment = False
+  c.data.image_size = 224
+  c.data.text_max_len = 77
   c.model.embed_dim = 512
   c.model.encoders = ml_collections.ConfigDict({
       "image": config_lib.encoder("vit", "clip_vit_b16"),
       "text": config_lib.encoder("text", "clip_text_b"),
   })
   c.model.encoders.unlock()
-  c.objective.kind = "clip"
   c.optimizer.lr = 1e-3
   c.optimizer.warmup_steps = 500
   c.optimizer.weight_decay = 1e-4
-  c.optimizer.rules = LOCKED
-  c.init_from.towers = ml_collections.ConfigDict({"image": "image"})
-  c.init_from.scalars = False     # the temperature learns with the text side
-  c.evals.retrieval = config_lib.evaluator_config("retrieval", all_captions=True,
-                                                  batch_size=256)
-  if arg == "runlocal":
-    c.total_steps = 4
-    c.batch_size = 8
-    c.log_every_steps = 2
-    c.checkpoint_every_steps = 4
-    c.eval_every_steps = 4
-    c.data.image_preset = ""
-    c.data.image_norm = "clip"
-    c.data.image_size = 16
-    c.data.text_max_len = 80
-    c.data.num_threads = 1
-    c.optimizer.warmup_steps = 1
-    c.model.embed_dim = 16
-    c.model.encoders.image = config_lib.encoder("vit", "mu", patch_size=8, width=16,
-                                                depth=1)
-    c.model.encoders.text = config_lib.encoder("text", "mu", width=16, depth=0,
-                                               max_len=80)
-    c.evals.retrieval.ks = (1,)
-    c.evals.retrieval.plot_max_k = 0
-    c.evals.retrieval.batch_size = 8
+  c.evals.retrieval.batch_size = 256
   return c
