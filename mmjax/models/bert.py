@@ -33,9 +33,9 @@ from mmjax.models import layers
 from mmjax.models import text as text_lib
 
 POOLS = ('mean', 'cls', 'pooler')
-# name -> function: BERT's 'gelu' is the exact one.
-ACTIVATIONS = {'gelu': lambda x: nn.gelu(x, approximate=False),
-               'gelu_tanh': lambda x: nn.gelu(x, approximate=True)}
+# The activations BERT-family checkpoints use (`layers.ACTIVATIONS`'s functions); BERT's
+# 'gelu' is the exact one.
+ACTIVATIONS = {name: layers.ACTIVATIONS[name] for name in ('gelu', 'gelu_tanh')}
 _INIT = nn.initializers.normal(stddev=0.02)   # BERT's initializer_range
 
 
