@@ -123,7 +123,7 @@ def make_grad_fn(model, objective: Callable, objective_config, mesh, *,
 
 def make_train_step(model, objective: Callable, objective_config, mesh,
                     *, donate: bool = True, deterministic_reductions: bool = False,
-                    frozen=None) -> Callable:
+                    frozen=None, update_args: bool = False) -> Callable:
   """`train_step(state, batch, rng) -> (state, metrics)`, jitted.
 
   `metrics` are replicated scalars: `loss`, `grad_norm`, `logit_scale` and the
@@ -132,6 +132,10 @@ def make_train_step(model, objective: Callable, objective_config, mesh,
   `frozen` (a tree of bools like the params, or None): those params get no gradient
   (`make_grad_fn`) and leave the step as they came in, bit for bit (the optimizer
   gives them no state: `mmjax.train.optimizer`).
+  `update_args`: the optimizer (an `optax.GradientTransformationExtraArgs`, e.g. a chain
+  that starts with a gradient-balancing transformation) is updated with the extra
+  arguments `metrics` (this step's replicated metrics), `step` (`state.step`) and `rng`
+  (this step's key); transformations that take no extra arguments ignore them.
   """
   grad_fn = make_grad_fn(model, objective, objective_config, mesh,
                          deterministic_reductions=deterministic_reductions, frozen=frozen)
@@ -139,7 +143,13 @@ def make_train_step(model, objective: Callable, objective_config, mesh,
   def train_step(state: TrainState, batch, rng):
     loss, grads, metrics = grad_fn(state.params, batch, rng, state.step)
     metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
-    new_state = state.apply_gradients(grads=grads)
+    if update_args:
+      updates, opt_state = state.tx.update(grads, state.opt_state, state.params,
+                                           metrics=metrics, step=state.step, rng=rng)
+      new_state = state.replace(step=state.step + 1, opt_state=opt_state,
+                                params=optax.apply_updates(state.params, updates))
+    else:
+      new_state = state.apply_gradients(grads=grads)
     if frozen is not None:
       new_state = new_state.replace(params=jax.tree.map(
           lambda f, old, new: old if f else new, frozen, state.params, new_state.params))
