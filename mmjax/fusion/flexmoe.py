@@ -268,6 +268,8 @@ class FlexMoEFusion(nn.Module):
       or 'paper' (the reading above).
     out_dim: output width (default: D).
     modalities: expected modality names, or None to accept any.
+    expert_axis: mesh axis the experts are sharded over (expert parallelism,
+      `mmjax.fusion.moe`), or None.
   """
   produces_task_output: ClassVar[bool] = False
   num_experts: int | None = None
@@ -285,6 +287,7 @@ class FlexMoEFusion(nn.Module):
   s_router: str = "code"
   out_dim: int | None = None
   modalities: Sequence[str] | None = None
+  expert_axis: str | None = None
 
   def __post_init__(self):
     if self.s_router not in S_ROUTERS:
@@ -343,7 +346,8 @@ class FlexMoEFusion(nn.Module):
       y, routing = SparseMoE(
           num_experts, self.top_k, self.mlp_dim or 2 * width,
           capacity_factor=self.capacity_factor, noisy_gating=self.noisy_gating,
-          dropout_rate=self.dropout_rate, name=f"moe_{i}")(
+          dropout_rate=self.dropout_rate, expert_axis=self.expert_axis,
+          name=f"moe_{i}")(
               h, train=train, forced_expert=forced)
       y = nn.Dropout(self.dropout_rate, deterministic=not train)(y)
       tokens = tokens + y.reshape(batch, num_modalities, width)

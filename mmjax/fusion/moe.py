@@ -19,6 +19,22 @@ output, so in a residual block it passes through unchanged.
 Experts run on [E, C, D] buffers built and read back with einsums over the
 dispatch/combine tensors; there is no Python loop over experts.
 
+Expert parallelism (`expert_axis`, e.g. 'expert'). Inside a `shard_map` body where
+that mesh axis (of size n) is bound, each device holds E / n experts, the slice
+[j E/n, (j+1) E/n) of the expert-stacked params (`w_in`, `b_in`, `w_out`, `b_out`,
+sharded `P('expert')` on their leading axis by `EXPERT_PARAM_PATTERN`; the router is
+replicated). Every device routes its own tokens exactly as the replicated layer does
+(same router, same priority order), and the capacity is that of its own routing
+group: C = ceil(capacity_factor * k * N_local / E) with N_local the device's tokens,
+so a device's dispatch tensor is the replicated layer's on the same tokens. The
+[E, C, D] buffer goes out with one `all_to_all` over the axis (device j receives the
+[E/n, C, D] blocks of its experts from all n devices of its group, so each local
+expert sees n * C slots), the local experts run on [E/n, n * C, D], and a second
+`all_to_all` brings the outputs back for the combine. Outputs and gradients are the
+replicated layer's on the same per-device batches (tests/test_expert_parallel.py).
+Outside such a body (init, eval under plain `jit`) the axis is not bound and the
+layer runs every expert itself: the same function. E must be divisible by n.
+
 Auxiliary losses:
   load balancing (Switch Transformer): E * sum_e f_e * P_e, with f_e the
     fraction of (token, choice) assignments routed to e before capacity drops
@@ -28,17 +44,71 @@ Auxiliary losses:
 from __future__ import annotations
 
 import math
+import re
 from typing import ClassVar, Mapping, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from mmjax.fusion import common
 from mmjax.fusion.attention import (FeedForward, MaskedSelfAttention,
                                     ModalityEmbedding, _check_transformer_config)
 
 Array = jax.Array
+
+# The expert-stacked params of a SparseMoE (leading axis: experts), by their
+# '/'-joined path: the sharding rule puts their leading axis on the expert axis.
+EXPERT_PARAM_PATTERN = r"(^|.*/)moe_\d+/(w_in|b_in|w_out|b_out)$"
+
+
+def expert_parallel_size(num_experts: int, expert_axis: str | None) -> int:
+  """Size n of `expert_axis` where it is bound (inside `shard_map`), else 1.
+
+  Raises:
+    ValueError: when n does not divide num_experts (names the axis).
+  """
+  if expert_axis is None:
+    return 1
+  try:
+    size = jax.lax.axis_size(expert_axis)
+  except NameError:  # not inside a shard_map over that axis: all experts here
+    return 1
+  if num_experts % size:
+    raise ValueError(
+        f"num_experts={num_experts} is not divisible by the size {size} of mesh "
+        f"axis {expert_axis!r} (fusion.expert_axis): each device must hold the "
+        f"same number of experts")
+  return size
+
+
+def expert_param_specs(params, expert_axis: str = "expert"):
+  """A tree like `params` of PartitionSpecs: P(expert_axis) (leading axis over the
+  experts) for the expert-stacked params (`EXPERT_PARAM_PATTERN`), P() for the rest."""
+  pattern = re.compile(EXPERT_PARAM_PATTERN)
+
+  def spec(path, _):
+    name = "/".join(str(getattr(k, "key", k)) for k in path)
+    return P(expert_axis) if pattern.match(name) else P()
+
+  return jax.tree_util.tree_map_with_path(spec, params)
+
+
+def check_expert_mesh(num_experts: int, expert_axis: str | None, mesh_axes) -> None:
+  """Raises ValueError unless mesh axis `expert_axis` (when set) exists in
+  `mesh_axes` (axis name -> size) and its size divides num_experts."""
+  if expert_axis is None:
+    return
+  axes = dict(mesh_axes)
+  if expert_axis not in axes:
+    raise ValueError(f"fusion.expert_axis={expert_axis!r} is not an axis of the mesh "
+                     f"{axes}")
+  if num_experts % axes[expert_axis]:
+    raise ValueError(
+        f"num_experts={num_experts} is not divisible by the size "
+        f"{axes[expert_axis]} of mesh axis {expert_axis!r} (fusion.expert_axis): "
+        f"each device must hold the same number of experts")
 
 
 def check_routing_config(num_experts: int, top_k: int,
@@ -177,6 +247,8 @@ class SparseMoE(nn.Module):
       (Shazeer et al., 2017); draws from the 'dropout' rng stream.
     renormalize: renormalise the top-k weights (default: top_k > 1).
     dropout_rate: dropout on the expert hidden layer (training only).
+    expert_axis: mesh axis the experts are sharded over (see the module doc),
+      or None: every device runs every expert.
   """
   num_experts: int
   top_k: int
@@ -185,6 +257,7 @@ class SparseMoE(nn.Module):
   noisy_gating: bool = False
   renormalize: bool | None = None
   dropout_rate: float = 0.0
+  expert_axis: str | None = None
 
   def __post_init__(self):
     check_routing_config(self.num_experts, self.top_k, self.capacity_factor)
@@ -233,19 +306,34 @@ class SparseMoE(nn.Module):
     dispatch, combine, kept = dispatch_and_combine(
         expert_index, weights, valid, num_experts, capacity)
 
+    # With expert parallelism these are this device's E / n experts.
+    groups = expert_parallel_size(num_experts, self.expert_axis)
+    local = num_experts // groups
     kernel_init = nn.initializers.lecun_normal(in_axis=-2, out_axis=-1,
                                                batch_axis=(0,))
-    w_in = self.param("w_in", kernel_init, (num_experts, width, self.mlp_dim))
-    b_in = self.param("b_in", nn.initializers.zeros, (num_experts, self.mlp_dim))
-    w_out = self.param("w_out", kernel_init, (num_experts, self.mlp_dim, width))
-    b_out = self.param("b_out", nn.initializers.zeros, (num_experts, width))
+    w_in = self.param("w_in", kernel_init, (local, width, self.mlp_dim))
+    b_in = self.param("b_in", nn.initializers.zeros, (local, self.mlp_dim))
+    w_out = self.param("w_out", kernel_init, (local, self.mlp_dim, width))
+    b_out = self.param("b_out", nn.initializers.zeros, (local, width))
     dtype = x.dtype
-    expert_in = jnp.einsum("nec,nd->ecd", dispatch.astype(dtype), x)
+    expert_in = jnp.einsum("nec,nd->ecd", dispatch.astype(dtype), x)  # [E, C, D]
+    if groups > 1:
+      # Block j of the experts goes to device j; from each of the n devices
+      # arrive its C slots of every local expert: [E/n, n * C, D].
+      expert_in = jax.lax.all_to_all(
+          expert_in.reshape(groups, local, capacity, width), self.expert_axis, 0, 0)
+      expert_in = expert_in.transpose(1, 0, 2, 3).reshape(local, groups * capacity,
+                                                          width)
     hidden = nn.gelu(jnp.einsum("ecd,edh->ech", expert_in, w_in.astype(dtype))
                      + b_in.astype(dtype)[:, None])
     hidden = nn.Dropout(self.dropout_rate, deterministic=not train)(hidden)
     expert_out = (jnp.einsum("ech,ehd->ecd", hidden, w_out.astype(dtype))
                   + b_out.astype(dtype)[:, None])
+    if groups > 1:
+      expert_out = expert_out.reshape(local, groups, capacity, width)
+      expert_out = jax.lax.all_to_all(expert_out.transpose(1, 0, 2, 3),
+                                      self.expert_axis, 0, 0)
+      expert_out = expert_out.reshape(num_experts, capacity, width)
     y = jnp.einsum("nec,ecd->nd", combine.astype(dtype), expert_out)
 
     valid_f = (jnp.ones((num_tokens,)) if valid is None
@@ -289,6 +377,9 @@ class MoEFusion(nn.Module):
     balance_loss_weight, z_loss_weight: weights of the auxiliary losses.
     out_dim: output width (default: D).
     modalities: expected modality names, or None to accept any.
+    expert_axis: mesh axis the experts are sharded over (expert parallelism,
+      see the module doc; configs set it with a mesh that has that axis), or
+      None.
   """
   produces_task_output: ClassVar[bool] = False
   num_experts: int = 4
@@ -305,6 +396,7 @@ class MoEFusion(nn.Module):
   z_loss_weight: float = 0.001
   out_dim: int | None = None
   modalities: Sequence[str] | None = None
+  expert_axis: str | None = None
 
   def __post_init__(self):
     check_routing_config(self.num_experts, self.top_k, self.capacity_factor)
@@ -336,7 +428,7 @@ class MoEFusion(nn.Module):
           self.num_experts, self.top_k, mlp_dim,
           capacity_factor=self.capacity_factor, noisy_gating=self.noisy_gating,
           renormalize=self.renormalize, dropout_rate=self.dropout_rate,
-          name=f"moe_{i}")(h, valid, train=train)
+          expert_axis=self.expert_axis, name=f"moe_{i}")(h, valid, train=train)
       y = nn.Dropout(self.dropout_rate, deterministic=not train)(y)
       tokens = tokens + y.reshape(batch, num_modalities, width)
       balance.append(load_balancing_loss(routing["probs"], routing["expert_index"],
