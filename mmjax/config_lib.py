@@ -13,6 +13,7 @@ import os
 import ml_collections
 
 from mmjax import align
+from mmjax import balance as balance_lib
 from mmjax.data import world as world_lib
 
 # The logit-scale constants belong to the losses (`mmjax.align`); re-exported here for
@@ -213,6 +214,12 @@ def base_config() -> ml_collections.ConfigDict:
   # tuples only; docs/alignment.md).
   c.objective.negatives_gradient = True
   c.objective.weights = ml_collections.ConfigDict()
+
+  # Modality balance (mmjax.balance, docs/balance.md): a gradient-modulation method
+  # ('' none, 'ogm_ge', 'mlb', 'inforeg', 'cggm') over the modalities' encoders, read
+  # from the auxiliary unimodal heads; each method's coefficients at its paper's
+  # defaults.
+  c.balance = balance_lib.balance_config()
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.lr = 1e-3

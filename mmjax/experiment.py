@@ -22,6 +22,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
+from mmjax import balance as balance_lib
 from mmjax import checks
 from mmjax import models
 from mmjax.evals import evaluators as evaluators_lib
@@ -55,6 +56,7 @@ def check_config(config, mesh) -> None:
       m: models.encoder_fields(enc, where=f"model.encoders.{m}")["sample_rate"]
       for m, enc in config.model.encoders.items() if enc.kind == "audio"})
   lora_lib.spec_from_config(config.model.get("lora"), model_modalities(config))
+  balance_lib.check(config)
   task = config.model.get("task")
   info = pipeline.data_info(config.data)
   if task is not None and info.num_classes and task.num_classes != info.num_classes:
@@ -68,6 +70,24 @@ def build_model(config):
   model = models.build(config.model)
   return lora_lib.wrap(model, lora_lib.spec_from_config(config.model.get("lora"),
                                                         model_modalities(config)))
+
+
+def build_objective(config):
+  """The loss of `config.objective` (`objectives.build`), with the loss terms of
+  `config.balance` (CGGM's direction term) added."""
+  from mmjax.train import objectives  # pylint: disable=g-import-not-at-top
+  return balance_lib.wrap_objective(config, objectives.build(config.objective, config.model))
+
+
+def balance_optimizer(config, tx):
+  """`tx`, with `config.balance`'s gradient modulation chained in front (the train step
+  then passes its metrics to the update: `balance_lib.enabled(config)`)."""
+  return balance_lib.chain(config, tx)
+
+
+def balance_enabled(config) -> bool:
+  """Whether `config.balance` names a method (the train step's `update_args`)."""
+  return balance_lib.enabled(config)
 
 
 def adapters_key(config):

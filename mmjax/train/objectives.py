@@ -322,7 +322,8 @@ def task_objective(output, batch, objective_config, *, axis_name=None, step=None
 
   Metrics: `task/cross_entropy`, `task/accuracy`, every aux loss under its own name and
   every scalar `stats/...` entry of `aux` (averaged over devices); with unimodal heads
-  `task/unimodal_loss` and `task/unimodal/<m>/{cross_entropy,accuracy}`.
+  `task/unimodal_loss` and `task/unimodal/<m>/{cross_entropy,accuracy,confidence}`
+  (confidence: the mean softmax probability of the true class).
   """
   del objective_config
   if "label" not in batch:
@@ -369,5 +370,9 @@ def _unimodal_losses(unimodal_logits, labels, mask, axis_name=None):
     correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
     metrics[f"task/unimodal/{m}/cross_entropy"] = ce
     metrics[f"task/unimodal/{m}/accuracy"] = _present_mean(correct, present, axis_name)
+    # The mean true-class probability: the score of the balance methods (mmjax.balance).
+    metrics[f"task/unimodal/{m}/confidence"] = _present_mean(
+        jnp.exp(-optax.softmax_cross_entropy_with_integer_labels(logits, labels)), present,
+        axis_name)
     losses.append(ce)
   return sum(losses) / len(losses), metrics

@@ -84,7 +84,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   experiment.check_config(config, mesh)
   if config.evals_fail not in EVALS_FAIL:
     raise ValueError(f"evals_fail={config.evals_fail!r}: use one of {EVALS_FAIL}")
-  objective = objectives.build(config.objective, config.model)
+  objective = experiment.build_objective(config)
   evaluators = experiment.build_evaluators(config)
   if jax.process_index() != 0:
     return _train(config, workdir, mesh, objective, evaluators)
@@ -108,6 +108,7 @@ def _train(config, workdir, mesh, objective, evaluators) -> dict[str, float]:
   tx = opt_lib.make_optimizer(config.optimizer, config.total_steps,
                               max_logit_scale=config.model.max_logit_scale,
                               adapters=adapters)
+  tx = experiment.balance_optimizer(config, tx)     # config.balance, if any
   schedule = opt_lib.learning_rate_schedule(config.optimizer, config.total_steps)
   rng = jax.random.key(config.seed)
   init_rng, step_rng = jax.random.split(rng)
@@ -140,7 +141,8 @@ def _train(config, workdir, mesh, objective, evaluators) -> dict[str, float]:
   train_step = step_lib.make_train_step(
       model, objective, config.objective, mesh,
       deterministic_reductions=config.deterministic_reductions,
-      frozen=opt_lib.frozen_mask(config.optimizer, state.params, adapters=adapters))
+      frozen=opt_lib.frozen_mask(config.optimizer, state.params, adapters=adapters),
+      update_args=experiment.balance_enabled(config))
   apply_fn = step_lib.make_apply_fn(model)
   reports: dict[str, str] = {}     # summary.md sections from evaluators (ctx.add_report)
   failures: list[str] = []          # evaluators that raised (config.evals_fail='continue')
