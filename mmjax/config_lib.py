@@ -271,7 +271,10 @@ EVALUATOR_FIELDS = {
     "calibration": dict(_ZERO_SHOT_FIELDS, logits="zero_shot", n_bins=15),
     "geometry": {"pairs": (), "k": 10, "max_examples": 2000, "plot": True},
     "robustness": {"rates": (0.0, 0.1, 0.3, 0.5, 0.7), "n_bins": 15, "seed": 0,
-                   "plot": True},
+                   "plot": True, "icym2i": False},
+    # alone: (modality, accuracy) pairs, the probe accuracy of each encoder trained alone.
+    "imbalance": dict(_PROBE_FIELDS, representation="features", val_split="validation",
+                      l2_grid=(1e-4, 1e-3, 1e-2, 1e-1), steps=500, alone=()),
 }
 
 

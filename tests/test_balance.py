@@ -259,3 +259,60 @@ def test_bad_configs_are_errors_naming_the_field():
   with pytest.raises(ValueError, match="end_step"):
     _check(_fusion_config(start_step=5, end_step=3))
   assert experiment.balance_optimizer(_fusion_config(""), optax.sgd(1.0)) is not None
+
+
+# ------------------------------------------------------ the imbalance metrics
+
+
+def test_imbalance_metrics_of_a_constructed_case():
+  from mmjax.evals.evaluators import imbalance
+  m = imbalance.imbalance_metrics({"audio": 0.3, "image": 0.9}, 0.95, 0.1, {"audio": 0.6})
+  assert m["imbalance_ratio"] == pytest.approx(3.0)
+  assert m["audio/gap"] == pytest.approx(0.3) and "image/gap" not in m
+  assert m["fused/accuracy"] == 0.95
+  # A modality below chance counts as at chance: the ratio stays finite.
+  assert imbalance.imbalance_metrics({"a": 0.0, "b": 0.5}, 0.5, 0.1)["imbalance_ratio"] == 5.0
+  assert "| audio | 0.300 | 0.600 | +0.300 |" in imbalance.markdown_table(m, ("audio", "image"))
+
+
+class _Features:
+  """A fake model: the image features hold the label, the audio features only noise."""
+
+  def __call__(self, batch):
+    import types
+    label = batch["label"]
+    noise = jnp.sin(batch["index"][:, None] * jnp.arange(1.0, 9.0))
+    features = {"image": jnp.concatenate([jax.nn.one_hot(label, 6), noise], 1),
+                "audio": jnp.concatenate([noise[:, :6] ** 2, noise], 1)}
+    return types.SimpleNamespace(features=features, logits=4.0 * jax.nn.one_hot(label, 6),
+                                 logit_scale=jnp.float32(1.0))
+
+
+def test_imbalance_evaluator_probes_each_encoder(mesh8, tmp_path):
+  import ml_collections
+  from mmjax.evals import evaluators as evaluators_lib
+  c = config_lib.base_config()
+  c.data.modalities = ("audio", "image")
+  c.data.label = ml_collections.ConfigDict({"factors": ("colour",), "mode": "product",
+                                            "num_classes": 0})
+  c.data.sizes = ml_collections.ConfigDict({"train": 128, "validation": 64, "test": 64})
+  c.data.audio_samples, c.data.image_size = 64, 16
+  c.model.encoders = ml_collections.ConfigDict({"audio": config_lib.encoder("audio", "mu"),
+                                                "image": config_lib.encoder("vit", "mu")})
+  c.evals = ml_collections.ConfigDict({"imbalance": config_lib.evaluator_config(
+      "imbalance", batch_size=64, train_examples=128, steps=50, l2_grid=(1e-3,),
+      alone=(("audio", 0.5),))})
+  built = experiment.build_evaluators(c)
+  ctx = experiment.eval_context(c, workdir=str(tmp_path), mesh=mesh8, predict=_Features(),
+                                featurize=experiment.make_featurize(c), step=3)
+  metrics = evaluators_lib.run_evaluators(ctx, built, force=True)
+  assert metrics["eval/imbalance/image/probe_accuracy"] == 1.0
+  assert metrics["eval/imbalance/audio/probe_accuracy"] < 0.45
+  assert metrics["eval/imbalance/fused/accuracy"] == 1.0
+  assert metrics["eval/imbalance/audio/gap"] == pytest.approx(
+      0.5 - metrics["eval/imbalance/audio/probe_accuracy"])
+  assert "Modality imbalance (imbalance)" in ctx.reports
+  bad = config_lib.evaluator_config("imbalance", alone=(("audio", 1.5),))
+  c.evals = ml_collections.ConfigDict({"imbalance": bad})
+  with pytest.raises(ValueError, match="alone: accuracy of 'audio'"):
+    experiment.build_evaluators(c)

@@ -97,22 +97,42 @@ class Missingness:
       chosen = set(self.combinations[rng.choice(len(self.combinations), p=p)])
       return {m: m in chosen for m in self.modalities}
     u = rng.random(len(self.modalities))
-    if self.kind == "mcar":
-      rates = [self.rates.get(m, 0.0) for m in self.modalities]
-    else:
-      value = int(example["label"] if self.mnar_on == "label" else
-                  example["factors"][world_lib.FACTOR_NAMES.index(self.mnar_on)])
-      rates = []
-      for m in self.modalities:
-        table = self.mnar_rates.get(m, ())
-        if table and value >= len(table):
-          raise ValueError(f"missing.mnar_rates.{m} has {len(table)} rates but "
-                           f"{self.mnar_on} = {value}")
-        rates.append(table[value] if table else 0.0)
+    rates = self._rates(example)
     present = {m: bool(x >= r) for m, x, r in zip(self.modalities, u, rates)}
     if not any(present.values()) and not self.allow_none:
       present[self.modalities[rng.integers(len(self.modalities))]] = True
     return present
+
+  def propensity(self, example: Mapping) -> dict[str, float]:
+    """P(modality present) for an example with these label / factors: the missingness
+    model `present` draws from, exactly (for `mnar` and `mcar`, an example whose draw
+    removed every modality gets one back, chosen uniformly, unless `allow_none`)."""
+    if self.kind == "none":
+      return {m: 1.0 for m in self.modalities}
+    if self.kind == "combination":
+      weights = (np.asarray(self.weights, np.float64) if self.weights
+                 else np.ones(len(self.combinations)))
+      weights = weights / weights.sum()
+      return {m: float(sum(w for c, w in zip(self.combinations, weights) if m in c))
+              for m in self.modalities}
+    rates = self._rates(example)
+    put_back = 0.0 if self.allow_none else float(np.prod(rates)) / len(self.modalities)
+    return {m: 1.0 - r + put_back for m, r in zip(self.modalities, rates)}
+
+  def _rates(self, example: Mapping) -> list[float]:
+    """Each modality's missing rate for this example (kinds mcar and mnar)."""
+    if self.kind == "mcar":
+      return [self.rates.get(m, 0.0) for m in self.modalities]
+    value = int(example["label"] if self.mnar_on == "label" else
+                example["factors"][world_lib.FACTOR_NAMES.index(self.mnar_on)])
+    rates = []
+    for m in self.modalities:
+      table = self.mnar_rates.get(m, ())
+      if table and value >= len(table):
+        raise ValueError(f"missing.mnar_rates.{m} has {len(table)} rates but "
+                         f"{self.mnar_on} = {value}")
+      rates.append(table[value] if table else 0.0)
+    return rates
 
   def __call__(self, example: dict) -> dict:
     present = self.present(int(example["index"]), example)

@@ -25,8 +25,24 @@ Metrics (the runner prefixes `eval/<name>/`):
 It draws a heatmap of these (WORKDIR/plots/<name>_heatmap.png) and adds the markdown
 table (`markdown_table`) to summary.md as a section.
 
+With `icym2i=True` it also estimates, for each modality m, how informative m is under
+the data's own missingness (`data.missing`), after ICYM2I (Chen et al., "In Case You
+Missed It", 2025), on the same split:
+
+  icym2i/<m>/accuracy/<estimate>    accuracy of the model given m alone
+  icym2i/<m>/info_gain/<estimate>   E[log p(y | all) - log p(y | all but m)], nats: what
+                                    m adds to the others
+  icym2i/<m>/observed               the fraction of examples where m is observed
+
+each as three estimates: `naive` (the mean over the examples where m is observed, all
+a dataset with missing data offers), `ipw` (the same examples weighted by 1 / P(m
+observed | example), the missingness model's propensity, self-normalised:
+`ipw_estimate`) and `true` (the mean over every example, each modality rendered for
+every one: what the world knows and a recorded dataset does not).
+
 Fields of `config.evals.<name>`: `split`, `batch_size`, `rates`, `n_bins` (ECE bins,
-default 15), `seed` (of the test-time missingness, default 0), `plot` (default True).
+default 15), `seed` (of the test-time missingness, default 0), `plot` (default True),
+`icym2i` (default False).
 """
 
 from __future__ import annotations
@@ -98,6 +114,8 @@ def _check(c, data, where: str) -> None:
   check_rates(c.rates, where)
   if not isinstance(c.n_bins, int) or c.n_bins < 1:
     raise ValueError(f"{where}.n_bins must be a positive integer, got {c.n_bins!r}")
+  if not isinstance(c.icym2i, bool):
+    raise ValueError(f"{where}.icym2i must be True or False, got {c.icym2i!r}")
 
 
 def rate_name(rate: float) -> str:
@@ -177,6 +195,92 @@ def evaluate_robustness(ctx: EvalContext, *, split: str, batch_size: int,
   return metrics
 
 
+# ---------------------------------------------------------------------------------------
+# ICYM2I: informativeness under missingness, naive and inverse-probability weighted.
+# ---------------------------------------------------------------------------------------
+
+
+def ipw_estimate(values, observed, propensity) -> float:
+  """The self-normalised inverse-probability-weighted mean of `values` over the
+  `observed` examples: sum(v / p) / sum(1 / p) over them (p: each one's probability of
+  being observed). With the true propensities it estimates the mean over every
+  example, observed or not."""
+  values, observed = np.asarray(values, np.float64), np.asarray(observed, bool)
+  propensity = np.asarray(propensity, np.float64)
+  if not observed.any():
+    return float("nan")
+  if np.any(propensity[observed] <= 0):
+    raise ValueError("ipw_estimate: an observed example has propensity 0")
+  w = 1.0 / propensity[observed]
+  return float(np.sum(w * values[observed]) / np.sum(w))
+
+
+def _log_prob_of_label(logits, labels) -> np.ndarray:
+  logits = np.asarray(logits, np.float64)
+  logits = logits - logits.max(-1, keepdims=True)
+  log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  return np.take_along_axis(log_p, labels[:, None].astype(np.int64), 1)[:, 0]
+
+
+def evaluate_icym2i(ctx: EvalContext, *, split: str, batch_size: int) -> dict[str, float]:
+  """The `icym2i/...` metrics of the module doc."""
+  missingness = getattr(ctx.featurize, "missingness", None)
+  if missingness is None or missingness.kind == "none":
+    raise ValueError(
+        f"{ctx.where}.icym2i: ICYM2I weights each example where a modality is observed "
+        "by 1 / P(observed), so it needs a model of the missingness: set data.missing "
+        "(kind 'mcar', 'mnar' or 'combination'; docs/data.md), whose propensities it "
+        "reads; the data here has none")
+  modalities = ctx.modalities
+  source = _CachedSource(ctx.source(split), ctx.featurize.without_missingness())
+
+  def logits_with(present_set):
+    out = ctx.run(source, _WithPresence(lambda i, ex: {m: m in present_set
+                                                       for m in modalities}),
+                  batch_size, ("logits", "label"))
+    if out["logits"] is None or out["label"] is None:
+      raise ValueError(f"{ctx.where}.icym2i needs task logits and labels")
+    return out["logits"], out["label"].astype(np.int64)
+
+  full, labels = logits_with(set(modalities))
+  log_p_full = _log_prob_of_label(full, labels)
+  rows = [source[i] for i in range(len(source))]
+  observed = {m: np.array([missingness.present(i, r)[m] for i, r in enumerate(rows)])
+              for m in modalities}
+  propensity = {m: np.array([missingness.propensity(r)[m] for r in rows])
+                for m in modalities}
+  metrics = {}
+  for m in modalities:
+    alone, _ = logits_with({m})
+    others = set(modalities) - {m}
+    values = {"accuracy": (np.argmax(alone, -1) == labels).astype(np.float64)}
+    if others:
+      without, _ = logits_with(others)
+      values["info_gain"] = log_p_full - _log_prob_of_label(without, labels)
+    for name, v in values.items():
+      metrics[f"icym2i/{m}/{name}/naive"] = (float(np.mean(v[observed[m]]))
+                                             if observed[m].any() else float("nan"))
+      metrics[f"icym2i/{m}/{name}/ipw"] = ipw_estimate(v, observed[m], propensity[m])
+      metrics[f"icym2i/{m}/{name}/true"] = float(np.mean(v))
+    metrics[f"icym2i/{m}/observed"] = float(np.mean(observed[m]))
+  return metrics
+
+
+def icym2i_table(metrics: Mapping[str, float], modalities: Sequence[str]) -> str:
+  lines = ["| modality | quantity | observed | naive | IPW | true | naive error | IPW error |",
+           "|---|---|---|---|---|---|---|---|"]
+  for m in modalities:
+    for name in ("accuracy", "info_gain"):
+      key = f"icym2i/{m}/{name}"
+      if f"{key}/true" not in metrics:
+        continue
+      naive, ipw, true = (metrics[f"{key}/{e}"] for e in ("naive", "ipw", "true"))
+      lines.append(f"| {m} | {name.replace('_', ' ')} | {metrics[f'icym2i/{m}/observed']:.2f}"
+                   f" | {naive:.3f} | {ipw:.3f} | {true:.3f} | {naive - true:+.3f} | "
+                   f"{ipw - true:+.3f} |")
+  return "\n".join(lines)
+
+
 @register("robustness", check=_check)
 def robustness(ctx: EvalContext, c) -> dict[str, float]:
   """Accuracy and ECE for every modality combination and test-time missing rate."""
@@ -190,4 +294,12 @@ def robustness(ctx: EvalContext, c) -> dict[str, float]:
   ctx.add_report(f"Robustness to missing modalities ({ctx.name or 'robustness'})",
                  f"Split `{c.split}`, step {ctx.step}.\n\n"
                  + markdown_table(metrics, ctx.modalities, rates))
+  if c.icym2i:
+    informativeness = evaluate_icym2i(ctx, split=c.split, batch_size=c.batch_size)
+    metrics.update(informativeness)
+    ctx.add_report(f"Informativeness under missingness, ICYM2I ({ctx.name or 'robustness'})",
+                   f"Split `{c.split}`, step {ctx.step}; naive: the examples where the "
+                   "modality is observed; IPW: the same weighted by 1 / P(observed); "
+                   "true: every example.\n\n" + icym2i_table(informativeness,
+                                                             ctx.modalities))
   return metrics
