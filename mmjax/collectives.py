@@ -21,7 +21,9 @@ name, so library code calls these and the train step chooses (through the
 `deterministic_reductions` config field). The choice is read when a function is
 traced, like `jax.default_matmul_precision`.
 
-Used inside `jax.shard_map` with its default `check_vma=True`:
+Used inside `jax.shard_map` with its default `check_vma=True`. `axis` is one mesh axis
+or a tuple of them (the train step's batch axes, `mmjax.train.mesh.batch_axes`); over a
+tuple the device order is the flat index over those axes, in mesh order.
 
   psum(x, axis)          sum over devices; invariant result.
   pmean(x, axis)         psum / n.
@@ -60,8 +62,20 @@ def fixed_order(enabled: bool = True):
     _state.enabled = previous
 
 
+def _axes(axis_name) -> tuple:
+  """`axis_name` (one mesh axis or a tuple of them) as a tuple."""
+  return tuple(axis_name) if isinstance(axis_name, (tuple, list)) else (axis_name,)
+
+
+def _varying_axes(x, axis_name) -> tuple:
+  """The axes of `axis_name` over which `x` is typed varying."""
+  varying = jax.typeof(x).mat.varying
+  return tuple(a for a in _axes(axis_name) if a in varying)
+
+
 def _is_varying(x, axis_name) -> bool:
-  return axis_name in jax.typeof(x).mat.varying
+  """Whether `x` is varying over every axis of `axis_name`."""
+  return len(_varying_axes(x, axis_name)) == len(_axes(axis_name))
 
 
 def _is_float(x) -> bool:
@@ -79,9 +93,11 @@ def vary(tree, axis_name):
   the parameters, differentiate with respect to the varying copy and `psum` the
   gradients with this module instead.
   """
-  return jax.tree.map(
-      lambda x: x if _is_varying(x, axis_name) else jax.lax.pcast(x, axis_name, to="varying"),
-      tree)
+  def cast(x):
+    missing = tuple(a for a in _axes(axis_name) if a not in _varying_axes(x, axis_name))
+    return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+  return jax.tree.map(cast, tree)
 
 
 def _ordered_sum(stacked):
@@ -106,15 +122,21 @@ def _fixed_psum(x, axis_name):
 
 
 def _fixed_psum_fwd(x, axis_name):
-  return _fixed_psum_value(x, axis_name), _is_varying(x, axis_name)
+  varying = _varying_axes(x, axis_name)
+  return _fixed_psum_value(x, axis_name), tuple(a in varying for a in _axes(axis_name))
 
 
-def _fixed_psum_bwd(axis_name, x_was_varying, cotangent):
-  # d(sum_d x_d)/dx_d = 1: each device's cotangent is the output's.
-  if x_was_varying:
-    return (vary(cotangent, axis_name),)
-  # An invariant x counted once per device (jax.lax.psum's convention).
-  return (cotangent * jax.lax.axis_size(axis_name),)
+def _fixed_psum_bwd(axis_name, x_varying_flags, cotangent):
+  # d(sum_d x_d)/dx_d = 1: each device's cotangent is the output's; an x invariant over
+  # some of the axes is counted once per device of those (jax.lax.psum's convention).
+  x_varying, size = [], 1
+  for a, was_varying in zip(_axes(axis_name), x_varying_flags):
+    if was_varying:
+      x_varying.append(a)
+    else:
+      size *= jax.lax.axis_size(a)
+  cotangent = cotangent * size if size != 1 else cotangent
+  return (vary(cotangent, tuple(x_varying)) if x_varying else cotangent,)
 
 
 def psum(tree, axis_name):

@@ -161,7 +161,19 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 500
   c.eval_every_steps = 500
   c.keep_checkpoints = 3
-  c.mesh = ml_collections.ConfigDict({"data": -1})   # -1: all devices
+  # The device mesh (mmjax.train.mesh): data x fsdp x expert, every axis splits the batch;
+  # one size may be -1 (the rest of the devices). docs/scaling.md.
+  c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "expert": 1})
+  # Parameter layout (mmjax.train.sharding): `rules`, pairs (pattern over '/'-joined
+  # param paths, spec tuple), applied first; then the modules' defaults; then, on an
+  # fsdp axis, arrays of at least `fsdp_min_size` elements sharded along their largest
+  # dimension the axis divides.
+  c.sharding = ml_collections.ConfigDict({"rules": (), "fsdp_min_size": 2 ** 16})
+  # Chunks per device block (mmjax.train.grad_cache): plain gradient accumulation for
+  # objectives that average over examples ('task'), or GradCache for the alignment
+  # objectives (grad_cache.microbatches). 1: the whole block at once.
+  c.microbatches = 1
+  c.grad_cache = ml_collections.ConfigDict({"microbatches": 1})
   # Sum over devices in device order (all-gather, then add), so that losses and params
   # are the same bits on any split of the devices into processes; n x the gradient's
   # memory, transiently (mmjax.collectives). Off: the backend's all-reduce.
@@ -275,6 +287,10 @@ EVALUATOR_FIELDS = {
     # alone: (modality, accuracy) pairs, the probe accuracy of each encoder trained alone.
     "imbalance": dict(_PROBE_FIELDS, representation="features", val_split="validation",
                       l2_grid=(1e-4, 1e-3, 1e-2, 1e-1), steps=500, alone=()),
+    # targets: (name, spec) pairs, spec a world factor or 'f1+f2%k'.
+    "factor_probe": {"representation": "joint", "targets": (), "train_split": "train",
+                     "train_examples": 2048, "val_split": "validation",
+                     "l2_grid": (1e-4, 1e-3, 1e-2, 1e-1), "steps": 500},
 }
 
 

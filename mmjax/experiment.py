@@ -25,12 +25,15 @@ import numpy as np
 from mmjax import balance as balance_lib
 from mmjax import checks
 from mmjax import models
+from mmjax.align import comm as comm_lib
+from mmjax.data import world as world_lib
 from mmjax.evals import evaluators as evaluators_lib
 from mmjax.data import missing as missing_lib
 from mmjax.data import pipeline
 from mmjax.data import tokenizer as tokenizer_lib
 from mmjax.models import lora as lora_lib
 from mmjax.train import distributed
+from mmjax.train import grad_cache
 
 
 def model_modalities(config) -> tuple[str, ...]:
@@ -50,13 +53,15 @@ def check_config(config, mesh) -> None:
                        f"modality {m!r}; it produces {sorted(produced)}")
   distributed.check_global_batch(config.batch_size, num_processes=jax.process_count(),
                                  devices_per_process=jax.local_device_count(),
-                                 data_axis_size=mesh.shape["data"])
+                                 mesh_shape=dict(mesh.shape))
+  grad_cache.check_config(config, mesh.size)
   check_tokenizer(config)
   pipeline.check_sample_rates(config.data, {
       m: models.encoder_fields(enc, where=f"model.encoders.{m}")["sample_rate"]
       for m, enc in config.model.encoders.items() if enc.kind == "audio"})
   lora_lib.spec_from_config(config.model.get("lora"), model_modalities(config))
   balance_lib.check(config)
+  comm_lib.check_config(config, world_lib.FACTOR_NAMES)
   task = config.model.get("task")
   info = pipeline.data_info(config.data)
   if task is not None and info.num_classes and task.num_classes != info.num_classes:

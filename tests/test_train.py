@@ -188,8 +188,13 @@ def test_batch_not_divisible_by_devices(mesh8):
 
 
 def test_mesh_config_errors():
-  with pytest.raises(ValueError, match="'data' axis"):
+  with pytest.raises(ValueError, match=r"the axes are \['data', 'fsdp', 'expert'\].*'model'"):
     mesh_lib.make_mesh(config_lib.ml_collections.ConfigDict({"model": -1}))
+  with pytest.raises(ValueError, match="config.mesh.fsdp must be a positive int or -1"):
+    mesh_lib.make_mesh(config_lib.ml_collections.ConfigDict({"data": -1, "fsdp": 0}))
+  # Axis sizes whose product is not the device count.
+  with pytest.raises(ValueError, match=r"\{'data': 2, 'fsdp': 3\} needs 6 devices, there are 8"):
+    mesh_lib.make_mesh(config_lib.ml_collections.ConfigDict({"data": 2, "fsdp": 3}))
   with pytest.raises(ValueError, match="needs 3 devices"):
     mesh_lib.make_mesh(config_lib.ml_collections.ConfigDict({"data": 3}), jax.devices()[:2])
 

@@ -1,5 +1,5 @@
 """The input pipeline: source -> grain (shuffle, repeat, per-process shard) -> featurize
--> batch -> a global `jax.Array` sharded over the mesh axis 'data'.
+-> batch -> a global `jax.Array` whose rows are split over every axis of the mesh.
 
 Every process builds the same shuffled stream of examples and takes its own contiguous
 part of each global batch: global batch `s` is examples `[s*B, (s+1)*B)` of the stream,
@@ -345,20 +345,26 @@ def eval_batches(source, featurize: Callable, *, global_batch_size: int,
 
 
 def data_sharding(mesh) -> NamedSharding:
-  return NamedSharding(mesh, P("data"))
+  """Rows split over every axis of the mesh (each is a batch axis: data, fsdp, expert)."""
+  return NamedSharding(mesh, P(tuple(mesh.axis_names)))
 
 
 def to_global(local_batch: Batch, mesh) -> Batch:
-  """Place the process-local batch as global `jax.Array`s sharded over 'data'.
+  """Place the process-local batch as global `jax.Array`s, rows split over every axis
+  of the mesh.
 
   Works on one host and on many: each process passes only its own rows.
   """
   sharding = data_sharding(mesh)
-  num_data = mesh.shape["data"]
+  num_data = mesh.size
   leaves = jax.tree.leaves(local_batch)
   global_rows = leaves[0].shape[0] * jax.process_count()
   if global_rows % num_data:
+    axes = " x ".join(f"{a}={s}" for a, s in dict(mesh.shape).items())
     raise ValueError(f"global batch of {global_rows} rows is not divisible by the "
-                     f"{num_data} devices of the mesh axis 'data'")
+                     f"{num_data} devices of the mesh axis 'data'" if tuple(
+                         mesh.axis_names) == ("data",) else
+                     f"global batch of {global_rows} rows is not divisible by the "
+                     f"{num_data} devices of the mesh ({axes})")
   return jax.tree.map(
       lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)

@@ -21,6 +21,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from mmjax.train import integrity
+from mmjax.train import sharding as sharding_lib
 
 # Subtrees of the config that fix the shapes or meaning of the saved state. Fields
 # outside them (total_steps, lr, eval cadence, ...) may change between runs of a workdir.
@@ -96,6 +97,7 @@ class Checkpoints:
       IncompatibleCheckpointError: the intact step was written by another config.
       CheckpointError: steps exist but none restores (nothing is moved then).
     """
+    sharding_lib.check_holds(abstract_state, "restoring a checkpoint onto this mesh")
     failed = []
     for step in sorted(self.manager.all_steps(), reverse=True):
       problem = integrity.verify(self.directory / str(step))
@@ -154,11 +156,15 @@ def save(manager: ocp.CheckpointManager, step: int, state, data_iterator, config
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state, data_iterator=None):
   """Restores the state (and the iterator, in place) saved at `step`.
 
-  The state is resharded onto `abstract_state`'s shardings, so a run may resume on
-  another number of processes or devices. The data iterator is restored from this
+  Each array is saved as its shards lie (every process writes its own) and read back
+  onto `abstract_state`'s shardings, so a run may resume on another number of processes
+  or devices, or another mesh (fsdp=8 saved, data=8 resumed, and back). A target
+  sharding an array's shape cannot take is an error naming the array. The data iterator
+  is restored from this
   process's own file when the run has as many processes as the one that saved it;
   otherwise from the position every saving process shared (`resharded_data_state`).
   """
+  sharding_lib.check_holds(abstract_state, "restoring a checkpoint onto this mesh")
   args = {"state": ocp.args.StandardRestore(abstract_state)}
   shared_data_state = None
   if data_iterator is not None:

@@ -279,21 +279,25 @@ def is_main_process() -> bool:
 
 
 def check_global_batch(batch_size: int, *, num_processes: int, devices_per_process: int,
-                       data_axis_size: int | None = None) -> None:
-  """The global batch must split evenly over processes and over the 'data' devices.
+                       data_axis_size: int | None = None, mesh_shape=None) -> None:
+  """The global batch must split evenly over processes and over the batch's devices.
 
   Args:
     batch_size: the global batch (`config.batch_size`).
     num_processes: processes in the run (`jax.process_count()`).
     devices_per_process: devices each process drives (`jax.local_device_count()`).
-    data_axis_size: size of the mesh axis 'data' (default: every device,
-      `num_processes * devices_per_process`).
+    data_axis_size: the number of devices the batch is split over (default: every
+      device, `num_processes * devices_per_process`).
+    mesh_shape: the mesh's {axis: size} (the batch is split over all its axes), for
+      the message; its product is the number of devices the batch is split over.
 
   Raises:
     ValueError: naming the batch size, the processes x devices and a valid size.
   """
   total = num_processes * devices_per_process
-  data = total if data_axis_size is None else data_axis_size
+  split = {a: s for a, s in dict(mesh_shape or {}).items() if s > 1}
+  data = (total if data_axis_size is None else data_axis_size) if mesh_shape is None else (
+      math.prod(dict(mesh_shape).values()))
   need = math.lcm(num_processes, data)
   if batch_size < 1 or batch_size % need:
     process_word = "process" if num_processes == 1 else "processes"
@@ -301,6 +305,9 @@ def check_global_batch(batch_size: int, *, num_processes: int, devices_per_proce
              "devices per process)" if data == total else
              f"the {data} devices of the mesh axis 'data' and the {num_processes} "
              f"{process_word}")
+    if len(split) > 1 or (split and "data" not in split):
+      shape += " (the batch is split over every mesh axis: " + " x ".join(
+          f"{a}={s}" for a, s in split.items()) + ")"
     nearest = max(need, round(batch_size / need) * need)
     raise ValueError(f"batch_size {batch_size} is not divisible by {shape}; every device "
                      f"takes an equal share of the global batch (try --config.batch_size="

@@ -23,13 +23,13 @@ import time
 from typing import Sequence
 
 import jax
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mmjax import experiment
 from mmjax.data import pipeline
 from mmjax.evals import evaluators as evaluators_lib
 from mmjax.train import checkpoint as ckpt_lib
 from mmjax.train import mesh as mesh_lib
+from mmjax.train import sharding as sharding_lib
 from mmjax.train import optimizer as opt_lib
 from mmjax.train import step as step_lib
 from mmjax.train import summary as summary_lib
@@ -62,8 +62,9 @@ def checkpoint_steps(workdir: str) -> list[int]:
 
 
 def abstract_train_state(config, model, featurize, mesh):
-  """Shapes, dtypes and (replicated) shardings of the config's train state, computed
-  without running the model: the target of the restore."""
+  """Shapes, dtypes and shardings of the config's train state (laid out by
+  `config.sharding` on `mesh`, as the trainer lays it out), computed without running
+  the model: the target of the restore."""
   tx = opt_lib.make_optimizer(config.optimizer, config.total_steps,
                               max_logit_scale=config.model.max_logit_scale,
                               adapters=experiment.adapters_key(config))
@@ -73,10 +74,11 @@ def abstract_train_state(config, model, featurize, mesh):
     params = step_lib.init_variables(model, sample, rng)["params"]
     return step_lib.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
 
-  replicated = NamedSharding(mesh, P())
   shapes = jax.eval_shape(init, jax.random.key(0))
-  return jax.tree.map(
-      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), shapes)
+  specs = sharding_lib.specs_from_config(shapes.params, mesh, config.sharding)
+  shardings = step_lib.state_shardings(model, tx, sample, mesh, specs)
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                      shapes, shardings)
 
 
 def evaluate_workdir(config, workdir: str, *, checkpoint_step: int | None = None,
@@ -126,7 +128,8 @@ def evaluate_workdir(config, workdir: str, *, checkpoint_step: int | None = None
   out_dir = output_dir(workdir, step)
   reports: dict[str, str] = {}
   apply_fn = step_lib.make_apply_fn(model)
-  ctx = experiment.eval_context(config, workdir=out_dir, mesh=mesh, featurize=featurize,
+  ctx = experiment.eval_context(config, workdir=out_dir, mesh=mesh_lib.eval_mesh(mesh),
+                                featurize=featurize,
                                 step=step, reports=reports,
                                 predict=lambda batch: apply_fn(state.params, batch))
   metrics = evaluators_lib.run_evaluators(ctx, evaluators, force=True)

@@ -1,12 +1,18 @@
 """Train state and the jitted steps: small pure functions of `(state, batch, rng)`.
 
-The per-device body of the train step is written with `jax.shard_map` over the mesh
-axis 'data' (the pmap programming model): each device encodes its block of the
-global batch, the objective gathers negatives from all devices and returns the
-global loss, and the gradient of that loss with respect to the replicated params is
-the global-batch gradient (autodiff sums the per-device contributions: the transpose
-of using a replicated value on every device is a `psum`). The optimizer update then
-runs once on the replicated params and optimizer state.
+The per-device body of the train step is written with `jax.shard_map` over every axis
+of the mesh (`mmjax.train.mesh`; the batch is split over all of them): each device
+gathers the parameters sharded over 'fsdp' (`mmjax.train.sharding`), encodes its block
+of the global batch, the objective gathers negatives from all devices and returns the
+global loss, and the gradient of that loss with respect to each device's parameter
+shard is summed over the devices that share it: reduce-scattered over 'fsdp' (the
+transpose of the all-gather) and summed over the other axes. The optimizer update then
+runs once, outside `shard_map`, on parameters and optimizer state laid out as the specs
+say (GSPMD keeps the layout). On a mesh without an fsdp axis every spec is P() and this
+is plain data parallelism.
+
+With `microbatches` or `grad_cache` > 1 each device's block is processed in that many
+chunks (`mmjax.train.grad_cache`).
 """
 
 from __future__ import annotations
@@ -21,8 +27,12 @@ from flax.training import train_state
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mmjax import collectives
+from mmjax.models import model as model_lib
+from mmjax.train import grad_cache as cache_lib
+from mmjax.train import mesh as mesh_lib
+from mmjax.train import sharding as sharding_lib
 
-DATA = "data"
+DATA = mesh_lib.DATA
 
 
 class TrainState(train_state.TrainState):
@@ -34,12 +44,32 @@ def init_variables(model, sample_batch, rng):
   return model.init({"params": rng, "dropout": rng}, sample_batch, train=False)
 
 
-def create_train_state(model, tx: optax.GradientTransformation, sample_batch, rng,
-                       mesh) -> TrainState:
-  """A replicated TrainState on `mesh` (params initialised under jit, no host copy)."""
-  replicated = NamedSharding(mesh, P())
+def abstract_params(model, sample_batch):
+  """The params' shapes and dtypes (`jax.ShapeDtypeStruct`s), nothing computed."""
+  return jax.eval_shape(lambda rng: init_variables(model, sample_batch, rng)["params"],
+                        jax.random.key(0))
 
-  @functools.partial(jax.jit, out_shardings=replicated)
+
+def state_shardings(model, tx, sample_batch, mesh, specs=None):
+  """The `NamedSharding`s of a train state whose params are laid out by `specs` (a tree
+  of `PartitionSpec`s like the params; None: replicated); the optimizer state follows
+  (`sharding.state_specs`)."""
+  shapes = jax.eval_shape(
+      lambda rng: TrainState.create(apply_fn=model.apply, tx=tx,
+                                    params=init_variables(model, sample_batch, rng)["params"]),
+      jax.random.key(0))
+  if specs is None:
+    specs = sharding_lib.replicated_specs(shapes.params)
+  return sharding_lib.named(mesh, sharding_lib.state_specs(shapes, specs))
+
+
+def create_train_state(model, tx: optax.GradientTransformation, sample_batch, rng,
+                       mesh, specs=None) -> TrainState:
+  """A TrainState on `mesh` (params initialised under jit, no host copy), laid out by
+  `specs` (None: replicated; see `state_shardings`)."""
+
+  @functools.partial(jax.jit,
+                     out_shardings=state_shardings(model, tx, sample_batch, mesh, specs))
   def init(rng):
     params = init_variables(model, sample_batch, rng)["params"]
     return TrainState.create(apply_fn=model.apply, params=params, tx=tx)
@@ -62,8 +92,19 @@ def partition(params, frozen):
   return trainable, fixed, join
 
 
+def _leaf_specs(params, specs, frozen):
+  """(trainable specs, frozen specs), in `partition`'s order."""
+  treedef = jax.tree.structure(params)
+  leaves = (treedef.flatten_up_to(specs) if specs is not None
+            else [P()] * treedef.num_leaves)
+  flags = [False] * len(leaves) if frozen is None else treedef.flatten_up_to(frozen)
+  return ([s for s, f in zip(leaves, flags) if not f],
+          [s for s, f in zip(leaves, flags) if f])
+
+
 def make_grad_fn(model, objective: Callable, objective_config, mesh, *,
-                 deterministic_reductions: bool = False, frozen=None) -> Callable:
+                 deterministic_reductions: bool = False, frozen=None, specs=None,
+                 microbatches: int = 1, grad_cache: int = 1) -> Callable:
   """`grad_fn(params, batch, rng, step=None) -> (loss, grads, metrics)`, not jitted on
   its own.
 
@@ -72,58 +113,99 @@ def make_grad_fn(model, objective: Callable, objective_config, mesh, *,
   objective (`step=step`); None is what an eval pass sees: schedules take their
   final value (`mmjax.schedules`).
 
-  `batch` is a dict of global arrays sharded over 'data'; the outputs are replicated:
-  the global loss, its gradient, and the objective's metrics averaged over devices.
-  With `deterministic_reductions`, every sum over devices (the gradient, the
-  objective's gathers and sums) goes in device order (`mmjax.collectives`), so the
-  result does not depend on how the devices are split into processes.
+  `batch` is a dict of global arrays split over every mesh axis; the objective's
+  `axis_name` is that tuple of axes (`mesh.batch_axes`). The loss and the objective's
+  metrics (averaged over devices) are replicated; `grads` are laid out as the params
+  (`specs`, a tree of `PartitionSpec`s, None: replicated). With
+  `deterministic_reductions`, every sum over devices (the gradient, the objective's
+  gathers and sums) goes in device order (`mmjax.collectives`), so the result does not
+  depend on how the devices are split into processes.
 
   `frozen`: a tree of bools like the params (`mmjax.train.optimizer.frozen_mask`), or
   None. Frozen params are constants of the loss: no gradient is computed or summed
   over devices for them, and their entries of `grads` are zeros.
+
+  `microbatches` (plain accumulation, objectives that decompose over examples) or
+  `grad_cache` (GradCache, the alignment objectives): each device's block in that many
+  chunks, one chunk's activations at a time (`mmjax.train.grad_cache`).
   """
+  axes = mesh_lib.batch_axes(mesh)
+  if microbatches > 1 and grad_cache > 1:
+    raise ValueError(f"microbatches={microbatches} and grad_cache.microbatches="
+                     f"{grad_cache}: use one of the two")
 
-  def per_device(join, trainable, fixed, batch, rng, step=None):
+  def per_device(join, t_specs, f_specs, trainable, fixed, batch, rng, step=None):
     with collectives.fixed_order(deterministic_reductions):
-      return device_step(join, trainable, fixed, batch, rng, step)
+      return device_step(join, t_specs, f_specs, trainable, fixed, batch, rng, step)
 
-  def device_step(join, trainable, fixed, batch, rng, step):
-    # Different dropout on every device, the same on every run.
-    rng = jax.random.fold_in(rng, jax.lax.axis_index(DATA))
-    if deterministic_reductions:
-      # Per-device gradients, summed below in device order rather than by the
-      # all-reduce autodiff puts where replicated params meet per-device data.
-      trainable = collectives.vary(trainable, DATA)
+  def device_step(join, t_specs, f_specs, trainable, fixed, batch, rng, step):
+    # Different dropout on every device (the flat index over the batch axes, so that
+    # data=8 and fsdp=8 draw the same masks), the same on every run.
+    rng = jax.random.fold_in(rng, jax.lax.axis_index(axes))
+    summed = [tuple(a for a in axes if a not in sharding_lib.spec_axes(s)) for s in t_specs]
+    # Each trainable shard typed per-device over the axes it is replicated on, so that
+    # its gradient comes out per device and is summed below (in device order under
+    # deterministic_reductions) rather than by autodiff's implicit all-reduce.
+    local = [collectives.vary(x, a) if a else x for x, a in zip(trainable, summed)]
+    fixed = [sharding_lib.gather(x, s) for x, s in zip(fixed, f_specs)]
+    gather_all = lambda local: [sharding_lib.gather(x, s) for x, s in zip(local, t_specs)]
+    full, unshard = jax.vjp(gather_all, local)
 
-    def loss_fn(trainable):
-      out = model.apply({"params": join(trainable, fixed)}, batch, train=True,
-                        rngs={"dropout": rng}, step=step)
-      loss, metrics = objective(out, batch, objective_config, axis_name=DATA, step=step)
-      metrics["logit_scale"] = out.logit_scale
-      if out.logit_bias is not None:
-        metrics["logit_bias"] = out.logit_bias
-      return loss, metrics
+    def forward(full, batch, rng):
+      return model.apply({"params": join(full, fixed)}, batch, train=True,
+                         rngs={"dropout": rng}, step=step)
 
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
-    if deterministic_reductions:
-      grads = collectives.psum(grads, DATA)
-    return loss, grads, collectives.pmean(metrics, DATA)
+    def loss_fn(full, batch, rng):
+      out = forward(full, batch, rng)
+      loss, metrics = objective(out, batch, objective_config, axis_name=axes, step=step)
+      return loss, _with_scale(metrics, out)
+
+    if grad_cache > 1:
+      def embed(full, batch, rng):
+        out = forward(full, batch, rng)
+        return out.embeddings, out.logit_scale, out.logit_bias
+
+      def loss_of_embeddings(embeddings, logit_scale, logit_bias, batch):
+        out = model_lib.ModelOutput(embeddings=embeddings, features={},
+                                    logit_scale=logit_scale, logit_bias=logit_bias)
+        loss, metrics = objective(out, batch, objective_config, axis_name=axes, step=step)
+        return loss, _with_scale(metrics, out)
+
+      loss, metrics, grads = cache_lib.cached_gradients(
+          embed, loss_of_embeddings, full, batch, rng, grad_cache)
+    elif microbatches > 1:
+      loss, metrics, grads = cache_lib.accumulated_gradients(
+          loss_fn, full, batch, rng, microbatches)
+    else:
+      (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(full, batch, rng)
+    (grads,) = unshard(grads)
+    grads = [collectives.psum(g, a) if a else g for g, a in zip(grads, summed)]
+    return loss, grads, collectives.pmean(metrics, axes)
 
   def grad_fn(params, batch, rng, step=None):
     trainable, fixed, join = partition(params, frozen)
+    t_specs, f_specs = _leaf_specs(params, specs, frozen)
     args = (trainable, fixed, batch, rng) + (() if step is None else (step,))
-    specs = (P(), P(), P(DATA), P()) + (() if step is None else (P(),))
+    in_specs = (t_specs, f_specs, P(axes), P()) + (() if step is None else (P(),))
     loss, grads, metrics = jax.shard_map(
-        functools.partial(per_device, join), mesh=mesh, in_specs=specs,
-        out_specs=(P(), P(), P()))(*args)
+        functools.partial(per_device, join, t_specs, f_specs), mesh=mesh,
+        in_specs=in_specs, out_specs=(P(), t_specs, P()))(*args)
     return loss, join(grads, [jnp.zeros_like(x) for x in fixed]), metrics
 
   return grad_fn
 
 
+def _with_scale(metrics, out):
+  metrics = dict(metrics, logit_scale=out.logit_scale)
+  if out.logit_bias is not None:
+    metrics["logit_bias"] = out.logit_bias
+  return metrics
+
+
 def make_train_step(model, objective: Callable, objective_config, mesh,
                     *, donate: bool = True, deterministic_reductions: bool = False,
-                    frozen=None, update_args: bool = False) -> Callable:
+                    frozen=None, update_args: bool = False, specs=None,
+                    microbatches: int = 1, grad_cache: int = 1) -> Callable:
   """`train_step(state, batch, rng) -> (state, metrics)`, jitted.
 
   `metrics` are replicated scalars: `loss`, `grad_norm`, `logit_scale` and the
@@ -136,9 +218,12 @@ def make_train_step(model, objective: Callable, objective_config, mesh,
   that starts with a gradient-balancing transformation) is updated with the extra
   arguments `metrics` (this step's replicated metrics), `step` (`state.step`) and `rng`
   (this step's key); transformations that take no extra arguments ignore them.
+  `specs`, `microbatches`, `grad_cache`: see `make_grad_fn`; the new state keeps the
+  layout of `specs` (params and the optimizer state that follows them).
   """
   grad_fn = make_grad_fn(model, objective, objective_config, mesh,
-                         deterministic_reductions=deterministic_reductions, frozen=frozen)
+                         deterministic_reductions=deterministic_reductions, frozen=frozen,
+                         specs=specs, microbatches=microbatches, grad_cache=grad_cache)
 
   def train_step(state: TrainState, batch, rng):
     loss, grads, metrics = grad_fn(state.params, batch, rng, state.step)
@@ -153,6 +238,9 @@ def make_train_step(model, objective: Callable, objective_config, mesh,
     if frozen is not None:
       new_state = new_state.replace(params=jax.tree.map(
           lambda f, old, new: old if f else new, frozen, state.params, new_state.params))
+    if specs is not None:
+      new_state = jax.lax.with_sharding_constraint(
+          new_state, sharding_lib.named(mesh, sharding_lib.state_specs(new_state, specs)))
     return new_state, metrics
 
   return jax.jit(train_step, donate_argnums=(0,) if donate else ())

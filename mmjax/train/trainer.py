@@ -27,6 +27,7 @@ from mmjax.train import logging as log_lib
 from mmjax.train import mesh as mesh_lib
 from mmjax.train import objectives
 from mmjax.train import optimizer as opt_lib
+from mmjax.train import sharding as sharding_lib
 from mmjax.train import step as step_lib
 from mmjax.train import summary as summary_lib
 
@@ -112,9 +113,11 @@ def _train(config, workdir, mesh, objective, evaluators) -> dict[str, float]:
   schedule = opt_lib.learning_rate_schedule(config.optimizer, config.total_steps)
   rng = jax.random.key(config.seed)
   init_rng, step_rng = jax.random.split(rng)
-  state = step_lib.create_train_state(model, tx,
-                                      experiment.sample_batch(train_source, featurize),
-                                      init_rng, mesh)
+  sample = experiment.sample_batch(train_source, featurize)
+  # Each parameter's layout on the mesh (replicated without an fsdp or expert axis).
+  specs = sharding_lib.specs_from_config(step_lib.abstract_params(model, sample), mesh,
+                                         config.sharding)
+  state = step_lib.create_train_state(model, tx, sample, init_rng, mesh, specs)
 
   # Resume: the newest intact checkpoint (damaged ones are set aside, saying so).
   checkpoints = ckpt_lib.Checkpoints(workdir, keep=config.keep_checkpoints)
@@ -123,7 +126,7 @@ def _train(config, workdir, mesh, objective, evaluators) -> dict[str, float]:
   if restored is not None:
     state = restored
   elif config.init_from.path:      # a fresh run that starts from a published checkpoint
-    state = _init_from(state, config.init_from, tx, mesh, progress_write)
+    state = _init_from(state, config.init_from, tx, mesh, specs, progress_write)
   if start_step > config.total_steps:
     raise ValueError(
         f"total_steps={config.total_steps} is below step {start_step}, which the "
@@ -142,7 +145,9 @@ def _train(config, workdir, mesh, objective, evaluators) -> dict[str, float]:
       model, objective, config.objective, mesh,
       deterministic_reductions=config.deterministic_reductions,
       frozen=opt_lib.frozen_mask(config.optimizer, state.params, adapters=adapters),
-      update_args=experiment.balance_enabled(config))
+      update_args=experiment.balance_enabled(config),
+      specs=specs, microbatches=config.microbatches,
+      grad_cache=config.grad_cache.microbatches)
   apply_fn = step_lib.make_apply_fn(model)
   reports: dict[str, str] = {}     # summary.md sections from evaluators (ctx.add_report)
   failures: list[str] = []          # evaluators that raised (config.evals_fail='continue')
@@ -158,7 +163,8 @@ def _train(config, workdir, mesh, objective, evaluators) -> dict[str, float]:
 
   def evaluate(step: int, force: bool = False) -> dict[str, float]:
     ctx = experiment.eval_context(
-        config, workdir=workdir, mesh=mesh, featurize=featurize, step=step,
+        config, workdir=workdir, mesh=mesh_lib.eval_mesh(mesh), featurize=featurize,
+        step=step,
         predict=lambda batch: apply_fn(state.params, batch), reports=reports,
         data=data_info)
     return evaluators_lib.run_evaluators(
@@ -242,7 +248,7 @@ def _train(config, workdir, mesh, objective, evaluators) -> dict[str, float]:
   return final_metrics
 
 
-def _init_from(state, init_from, tx, mesh, report):
+def _init_from(state, init_from, tx, mesh, specs, report):
   """`state` with params from `config.init_from` (`mmjax.pretrained.load_from_config`)
   and a fresh optimizer state for them; prints what was loaded."""
   from mmjax import pretrained  # pylint: disable=g-import-not-at-top
@@ -255,8 +261,8 @@ def _init_from(state, init_from, tx, mesh, report):
     return jax.make_array_from_callback(old.shape, old.sharding, lambda index: new[index])
 
   params = jax.tree.map(place, loaded, state.params)
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  opt_state = jax.jit(tx.init, out_shardings=replicated)(params)
+  layout = sharding_lib.named(mesh, sharding_lib.state_specs(state, specs))
+  opt_state = jax.jit(tx.init, out_shardings=layout.opt_state)(params)
   report(str(load_report))
   return state.replace(params=params, opt_state=opt_state)
 
