@@ -29,6 +29,8 @@ prefix. The registered objectives:
             cross-entropy. Meant beside 'gram' ('gram+matching').
   task      classification cross-entropy of the task head plus the fusion's
             auxiliary losses.
+  comm      CoMM: InfoNCE between the fused representations of two augmented views
+            of each example (`mmjax.align.comm`); needs model.fusion and paired views.
 
 Each objective registers the fields of `config.objective` it reads, with their
 defaults (`OBJECTIVES[name].fields`); `kind` and `weights` belong to every one.
@@ -53,6 +55,7 @@ import optax
 from mmjax import align
 from mmjax import collectives
 from mmjax import registry as registry_lib
+from mmjax.align import comm as comm_lib
 from mmjax.fusion import heads as heads_lib
 
 OBJECTIVES = registry_lib.Registry("objective")
@@ -301,6 +304,19 @@ def matching_objective(output, batch, objective_config, *, axis_name=None, step=
       positive, negative_tuple, negative_anchor, valid=negatives["valid"],
       has_negative=negatives["has_negative"], axis_name=axis_name)
   return loss, {f"matching/{k}": v for k, v in metrics.items()}
+
+
+@register("comm", label_smoothing=0.0)
+def comm_objective(output, batch, objective_config, *, axis_name=None, step=None):
+  """CoMM: InfoNCE between the fused representations of two views of each example,
+  rows (2j, 2j + 1) of the batch (`mmjax.align.comm`; needs model.fusion)."""
+  del batch
+  if output.joint is None:
+    raise ValueError("objective 'comm' needs the fused representation: set model.fusion")
+  loss, metrics = comm_lib.comm_loss(output.joint, logit_scale=output.logit_scale,
+                                     label_smoothing=objective_config.label_smoothing,
+                                     axis_name=axis_name)
+  return loss, {f"comm/{k}": v for k, v in metrics.items()}
 
 
 def global_mean(x: jax.Array, axis_name=None) -> jax.Array:

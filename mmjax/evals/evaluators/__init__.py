@@ -16,7 +16,7 @@ An evaluator is `fn(ctx, eval_config) -> {metric: float}`; the runner prefixes
 texts, and what the source says about itself (`ctx.data`, a `DataInfo`: class names,
 prompt templates, oracle ceilings where the source knows them). Each evaluator lives in
 its own module beside this one: retrieval, zero_shot, linear_probe (and knn),
-calibration, geometry, robustness, joint_retrieval, imbalance.
+calibration, geometry, robustness, joint_retrieval, imbalance, factors (factor_probe).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ EVALUATORS = registry_lib.Registry("evaluator")
 _CHECKS: dict[str, Callable] = {}
 # The modules beside this one, imported before a name is looked up.
 EVALUATOR_MODULES = ("retrieval", "zero_shot", "linear_probe", "calibration", "geometry",
-                     "robustness", "joint_retrieval", "imbalance")
+                     "robustness", "joint_retrieval", "imbalance", "factors")
 
 
 def register(name: str, check: Callable | None = None):
