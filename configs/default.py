@@ -2,12 +2,21 @@
 
   python -m mmjax.main --config=configs/default.py --workdir=runs/default
   python -m mmjax.main --config=configs/default.py:runlocal --workdir=/tmp/tiny
+  python -m mmjax.main --config=configs/default.py:fsdp --workdir=runs/default_fsdp
+  (variants join with ',': configs/default.py:fsdp,runlocal)
 """
 
 from mmjax import config_lib
 
 
+VARIANTS = ("fsdp", "runlocal")
+
+
 def get_config(arg=None):
+  variants = {v.strip() for v in (arg or "").split(",") if v.strip()}
+  if variants - set(VARIANTS):
+    raise ValueError(f"configs/default.py: unknown variant(s) {sorted(variants - set(VARIANTS))}"
+                     f"; the variants are {list(VARIANTS)}, joined by ',' (e.g. 'fsdp,runlocal')")
   c = config_lib.base_config()
   c.name = "default"
   # Tuned for the 2-core CPU budget (benchmarks/README.md, "Default experiment"): at a fixed
@@ -46,7 +55,12 @@ def get_config(arg=None):
   c.evals.knn = config_lib.evaluator_config("knn", every=0, train_examples=2048)
   c.evals.calibration = config_lib.evaluator_config("calibration", every=0)
   c.evals.geometry = config_lib.evaluator_config("geometry", every=0)
-  if arg == "runlocal":     # seconds, for tests and a first look
+  if "fsdp" in variants:     # the same run with params and optimizer state sharded (docs/scaling.md)
+    c.mesh.data, c.mesh.fsdp = 1, -1
+    # The towers are small: shard every weight matrix (4096 elements and up), so that the
+    # run exercises the layout it would take at scale; biases and norms stay replicated.
+    c.sharding.fsdp_min_size = 2 ** 12
+  if "runlocal" in variants:     # seconds, for tests and a first look
     c.total_steps = 20
     c.batch_size = 32
     c.log_every_steps = 5

@@ -68,6 +68,7 @@ class _Rule:
                          "a mesh axis name nor a tuple of them")
       entries.append(None if entry is None else tuple(names))
     self.pattern, self.spec, self.where, self.required = pattern, entries, where, required
+    self.given = tuple(tuple(e) if isinstance(e, list) else e for e in spec)
 
 
 def parse_rules(rules, where: str, required: bool = True) -> list[_Rule]:
@@ -98,7 +99,7 @@ def fsdp_spec(shape: Sequence[int], size: int, min_size: int = FSDP_MIN_SIZE) ->
 def _checked_spec(rule: _Rule, path: str, shape, mesh, drop_missing: bool) -> P:
   sizes = dict(mesh.shape)
   if len(rule.spec) > len(shape):
-    raise ValueError(f"{rule.where} ({rule.pattern!r}): spec {tuple(rule.spec)} has "
+    raise ValueError(f"{rule.where} ({rule.pattern!r}): spec {rule.given} has "
                      f"{len(rule.spec)} entries, but parameter {path!r} has shape "
                      f"{tuple(shape)}")
   entries, used = [], []
@@ -118,7 +119,7 @@ def _checked_spec(rule: _Rule, path: str, shape, mesh, drop_missing: bool) -> P:
                          f"'{mesh_lib.FSDP}' (gathered for the forward pass)")
       if n in used:
         raise ValueError(f"{rule.where} ({rule.pattern!r}): mesh axis {n!r} appears twice "
-                         f"in spec {tuple(rule.spec)}")
+                         f"in spec {rule.given}")
       used.append(n)
     if mesh_lib.FSDP in names and len(names) > 1:
       raise ValueError(f"{rule.where} ({rule.pattern!r}): a dimension sharded over "
@@ -126,7 +127,7 @@ def _checked_spec(rule: _Rule, path: str, shape, mesh, drop_missing: bool) -> P:
     ways = math.prod(sizes[n] for n in names)
     if shape[dim] % ways:
       raise ValueError(f"{rule.where} ({rule.pattern!r}): parameter {path!r} of shape "
-                       f"{tuple(shape)} cannot be sharded as {tuple(rule.spec)}: dimension "
+                       f"{tuple(shape)} cannot be sharded as {rule.given}: dimension "
                        f"{dim} ({shape[dim]}) is not divisible by {ways} "
                        f"({' x '.join(f'{n}={sizes[n]}' for n in names)})")
     entries.append(None if not names else names[0] if len(names) == 1 else names)
