@@ -6,6 +6,9 @@
 #
 #   launch/tpu_pod.sh --setup my-v4-32 us-central2-b configs/default.py /mnt/shared/runs/default
 #   launch/tpu_pod.sh --dry-run my-v4-32 us-central2-b configs/default.py /mnt/shared/runs/default
+#   launch/tpu_pod.sh my-v4-32 us-central2-b configs/default.py:fsdp /mnt/shared/runs/fsdp \
+#       --config.batch_size=4096 --config.grad_cache.microbatches=4
+#     (FSDP over every chip, GradCache in 4 chunks; docs/scaling.md)
 #
 # --setup first copies this checkout (`git archive HEAD`) to every worker and installs
 # it there with `jax[tpu]`; without it the workers must already have it in REMOTE_DIR.
