@@ -116,9 +116,10 @@ def test_grad_cache_equals_the_whole_batch(kind):
 
 
 def test_grad_cache_under_fsdp_equals_data_parallel():
+  """SigLIP's ring over two mesh axes (data x fsdp), params sharded, in 2 chunks."""
   model, batch = TinyModel(("a", "b")), _batch(("a", "b"))
-  data = _gradients(model, "clip", {}, _mesh(data=4), batch)
-  fsdp = _gradients(model, "clip", {}, _mesh(data=2, fsdp=2), batch, specs=True,
+  data = _gradients(model, "siglip", {}, _mesh(data=4), batch)
+  fsdp = _gradients(model, "siglip", {}, _mesh(data=2, fsdp=2), batch, specs=True,
                     grad_cache=2)
   _assert_close(fsdp, data, rtol=1e-5)
 

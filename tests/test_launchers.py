@@ -37,6 +37,11 @@ TOTAL_STEPS = 10
 RUN_FLAGS = (f"--config.total_steps={TOTAL_STEPS}", "--config.checkpoint_every_steps=1000",
              "--config.eval_every_steps=1000", "--config.deterministic_reductions=True")
 TIMEOUT_S = 600
+# The two-process runs shard the params and optimizer state over all 8 devices of both
+# processes (every weight matrix of 1024 elements and up) and still match the one-process
+# data-parallel reference step for step; their checkpoint restores onto it.
+FSDP_FLAGS = ("--config.mesh.data=1", "--config.mesh.fsdp=-1",
+              "--config.sharding.fsdp_min_size=1024")
 
 
 def _load(path, name):
@@ -70,15 +75,15 @@ def compilation_cache(tmp_path_factory):
   return str(tmp_path_factory.mktemp("jax_cache"))
 
 
-def start_multiprocess(num_processes, devices, workdir, log_path, cache_dir):
-  """`launch/multiprocess_local.sh N D tests/configs/tiny.py WORKDIR RUN_FLAGS`, output
-  to `log_path`."""
+def start_multiprocess(num_processes, devices, workdir, log_path, cache_dir, flags=()):
+  """`launch/multiprocess_local.sh N D tests/configs/tiny.py WORKDIR RUN_FLAGS FLAGS`,
+  output to `log_path`."""
   log = open(log_path, "w")
   env = _env(JAX_COMPILATION_CACHE_DIR=cache_dir,
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   proc = subprocess.Popen(
       [os.path.join(LAUNCH, "multiprocess_local.sh"), str(num_processes), str(devices),
-       "tests/configs/tiny.py", workdir, *RUN_FLAGS],
+       "tests/configs/tiny.py", workdir, *RUN_FLAGS, *flags],
       cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
   proc.log = log
   return proc
@@ -122,11 +127,12 @@ def reference_run(tmp_path_factory, compilation_cache):
 
 @pytest.fixture(scope="module")
 def preempted_run(tmp_path_factory, compilation_cache):
-  """2 processes x 4 devices; SIGTERM to process 1 once step 1 is logged. Returns the
-  workdir, a copy of it as the preemption left it, the launcher's status and output."""
+  """2 processes x 4 devices, fsdp=8 (FSDP_FLAGS); SIGTERM to process 1 once step 1 is
+  logged. Returns the workdir, a copy of it as the preemption left it, the launcher's
+  status and output."""
   root = tmp_path_factory.mktemp("preempted")
   workdir, log = str(root / "run"), str(root / "log.txt")
-  proc = start_multiprocess(2, 4, workdir, log, compilation_cache)
+  proc = start_multiprocess(2, 4, workdir, log, compilation_cache, FSDP_FLAGS)
   deadline = time.time() + TIMEOUT_S
   while not losses_logged(workdir) and proc.poll() is None and time.time() < deadline:
     time.sleep(0.05)
@@ -148,8 +154,8 @@ def losses_logged(workdir):
 def resumed_run(preempted_run, tmp_path_factory, compilation_cache):
   """The preempted 2 x 4 run relaunched with the same command."""
   log = str(tmp_path_factory.mktemp("resumed") / "log.txt")
-  rc, out = finish(start_multiprocess(2, 4, preempted_run["workdir"], log, compilation_cache),
-                   log)
+  rc, out = finish(start_multiprocess(2, 4, preempted_run["workdir"], log, compilation_cache,
+                                      FSDP_FLAGS), log)
   assert rc == 0, out[-3000:]
   return {"workdir": preempted_run["workdir"], "out": out}
 
@@ -198,10 +204,19 @@ def test_two_processes_match_one_process_per_step_and_in_final_params(reference_
 
 
 def test_two_process_checkpoint_restores_on_one_process(preempted_run):
-  """The 2 x 4 preemption checkpoint restored here, by 1 process with 8 devices: the
-  same params, and the data iterator at the same global batch as a one-process run."""
+  """The 2 x 4 fsdp=8 preemption checkpoint (each process wrote its own shards) restored
+  here, by 1 process with 8 devices on data=8: the same params, and the data iterator at
+  the same global batch as a one-process run."""
   workdir = preempted_run["copy"]
   step = compare_runs.checkpoint_steps(workdir)[-1]
+  # Saved as the shards lay: arrays sharded over fsdp, both processes wrote shard data.
+  state_dir = os.path.join(workdir, "checkpoints", str(step), "state")
+  with open(os.path.join(state_dir, "_sharding")) as f:
+    specs = [json.loads(v)["partition_spec"] for v in json.load(f).values()]
+  assert sum("fsdp" in json.dumps(spec) for spec in specs) >= 10, specs
+  for p in (0, 1):
+    shard_data = os.path.join(state_dir, f"ocdbt.process_{p}", "d")
+    assert sum(os.path.getsize(os.path.join(shard_data, n)) for n in os.listdir(shard_data))
   config = tiny_config(total_steps=TOTAL_STEPS)
   mesh = mesh_lib.make_mesh(config.mesh)
   featurize = experiment.make_featurize(config)

@@ -6,7 +6,10 @@ multiplier, already exponentiated: 1 / temperature) and return
 
 Multi-device convention (`axis_name` given, inside `jax.shard_map` over that
 mesh axis, each device holding its block of b = B / n rows of the global batch,
-in device order):
+in device order). `axis_name` may be a tuple of mesh axes (the train step passes
+every axis the batch is split over, e.g. ('data', 'fsdp', 'expert')): the
+devices are then ordered by their flat index over those axes, and gathers, sums
+and rings run over all of them.
 
 * Every device returns the same scalar: the loss of the global batch of B
   samples, exactly as a single device would compute it on the concatenated
@@ -114,7 +117,7 @@ def clip_loss(x, y, *, logit_scale, label_smoothing=0.0, axis_name=None):
     y: [b, D] embeddings of the second modality; row i pairs with x[i].
     logit_scale: scalar multiplier of the similarities (1 / temperature).
     label_smoothing: eps in [0, 1).
-    axis_name: mesh axis of the data-parallel batch, or None.
+    axis_name: the mesh axis (or tuple of axes) the batch is split over, or None.
 
   Returns:
     (loss, metrics): the global mean loss (scalar); metrics, scalars:
@@ -268,7 +271,7 @@ def siglip_loss(x, y, *, logit_scale, logit_bias, axis_name=None):
     y: [b, D] embeddings of the second modality; row i pairs with x[i].
     logit_scale: scalar multiplier of the similarities.
     logit_bias: scalar bias added to the scaled similarities.
-    axis_name: mesh axis of the data-parallel batch, or None.
+    axis_name: the mesh axis (or tuple of axes) the batch is split over, or None.
 
   Returns:
     (loss, metrics): the global loss (scalar); metrics, scalars: `loss`,
@@ -379,7 +382,7 @@ def pairwise_loss(embeddings: Mapping[str, jax.Array], *, anchor=None,
     logit_scale: scalar multiplier of the similarities.
     logit_bias: scalar bias, required for 'siglip', not accepted for 'clip'.
     label_smoothing: eps for 'clip'; must stay 0 for 'siglip'.
-    axis_name: mesh axis of the data-parallel batch, or None.
+    axis_name: the mesh axis (or tuple of axes) the batch is split over, or None.
 
   Returns:
     (loss, metrics): the mean pair loss; metrics, scalars: `loss`, `accuracy`

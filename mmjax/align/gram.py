@@ -279,7 +279,7 @@ def gram_loss(embeddings: Mapping[str, jax.Array], *, anchor: str,
       negative) only if its anchor and at least one other modality are
       present; the others are left out and counted in `valid_fraction`. A
       sample with no modality at all is an error (checked on concrete masks).
-    axis_name: mesh axis of the data-parallel batch, or None.
+    axis_name: the mesh axis (or tuple of axes) the batch is split over, or None.
     negatives_gradient: a Python bool; True (default) the exact gradient,
       False the reference gradient described above.
 

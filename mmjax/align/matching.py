@@ -94,7 +94,7 @@ def matching_negatives(embeddings: Mapping[str, jax.Array], *, anchor: str,
     masks: optional modality name -> [b] bool, as in `gram_loss`: a sample is
       valid (takes part, and can be drawn) if its anchor and at least one
       other modality are present.
-    axis_name: mesh axis of the data-parallel batch, or None.
+    axis_name: the mesh axis (or tuple of axes) the batch is split over, or None.
 
   Returns:
     A dict of [b] arrays for the local samples:
@@ -167,7 +167,7 @@ def matching_loss(positive_logits, negative_tuple_logits, negative_anchor_logits
     positive_logits, negative_tuple_logits, negative_anchor_logits: [b]
       float, the block's logit that the pair matches.
     valid, has_negative: [b] bool, from `matching_negatives`.
-    axis_name: mesh axis of the data-parallel batch, or None.
+    axis_name: the mesh axis (or tuple of axes) the batch is split over, or None.
 
   Returns:
     (loss, metrics): scalar loss; metrics `loss`, `accuracy` (pairs on the
