@@ -86,8 +86,8 @@ def test_ogm_scales_each_tower_by_its_coefficient_and_nothing_else():
   tx = rules.ogm_ge(("audio", "image"), 0.8, noise=False)
   state = tx.init(grads)
   metrics = _metrics(rules.CONFIDENCE, {"audio": 0.6, "image": 0.3})
-  out, state = jax.jit(tx.update)(grads, state, grads, metrics=metrics, step=3,
-                                  rng=jax.random.key(0))
+  out, state = tx.update(grads, state, grads, metrics=metrics, step=3,
+                     rng=jax.random.key(0))
   _check_scaled(out, grads, {"audio": 1 - math.tanh(1.6), "image": 1.0})
   np.testing.assert_allclose(state.coefficients, [1 - math.tanh(1.6), 1.0], rtol=1e-6)
   # Outside the window [start, end): every gradient as it came.
