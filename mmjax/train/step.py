@@ -45,9 +45,10 @@ def init_variables(model, sample_batch, rng):
 
 
 def abstract_params(model, sample_batch):
-  """The params' shapes and dtypes (`jax.ShapeDtypeStruct`s), nothing computed."""
-  return jax.eval_shape(lambda rng: init_variables(model, sample_batch, rng)["params"],
-                        jax.random.key(0))
+  """The params' shapes and dtypes (`jax.ShapeDtypeStruct`s), nothing computed;
+  `sample_batch` may be arrays or shape structs."""
+  return jax.eval_shape(lambda rng, batch: init_variables(model, batch, rng)["params"],
+                        jax.random.key(0), sample_batch)
 
 
 def state_shardings(model, tx, sample_batch, mesh, specs=None):
@@ -55,9 +56,9 @@ def state_shardings(model, tx, sample_batch, mesh, specs=None):
   of `PartitionSpec`s like the params; None: replicated); the optimizer state follows
   (`sharding.state_specs`)."""
   shapes = jax.eval_shape(
-      lambda rng: TrainState.create(apply_fn=model.apply, tx=tx,
-                                    params=init_variables(model, sample_batch, rng)["params"]),
-      jax.random.key(0))
+      lambda rng, batch: TrainState.create(apply_fn=model.apply, tx=tx,
+                                           params=init_variables(model, batch, rng)["params"]),
+      jax.random.key(0), sample_batch)
   if specs is None:
     specs = sharding_lib.replicated_specs(shapes.params)
   return sharding_lib.named(mesh, sharding_lib.state_specs(shapes, specs))
