@@ -122,7 +122,9 @@ def test_build_fusion_rejects_unknown_kind_and_fields():
   module = fusion.build_fusion("attention", modalities=["b", "a"])
   assert module.modalities == ("b", "a")
   assert set(fusion.FUSION_KINDS) == {"concat", "mean", "late", "attention", "ovo",
-                                      "moe", "flexmoe", "gated"}
+                                      "moe", "flexmoe", "gated", "bottleneck",
+                                      "cross_attention", "joint", "ovo_tokens", "mmp",
+                                      "proxy"}
 
 
 @pytest.mark.parametrize("kind, config, match", [

@@ -6,6 +6,12 @@ features dict modality -> [B, D], mask dict modality -> bool [B] (True =
 present). joint is [B, D_out]; aux holds weighted auxiliary losses under
 'loss/<name>' (the trainer adds them all) and statistics under 'stats/<name>'.
 `late` returns task outputs directly (`produces_task_output`).
+
+Token-level kinds (`needs_tokens`: bottleneck, cross_attention, joint, ovo_tokens,
+mmp, proxy)
+are called as `module.apply(variables, tokens, token_mask, mask, ...)` with tokens
+dict modality -> [B, T_m, D] and token_mask dict modality -> bool [B, T_m]
+(`mmjax.fusion.tokens`).
 """
 from mmjax.fusion.attention import AttentionFusion, OvOFusion
 from mmjax.fusion.common import (check_mask, combination_index, masked_mean,
@@ -23,5 +29,10 @@ from mmjax.fusion.moe import (MoEFusion, SparseMoE, dispatch_and_combine,
                               router_z_loss, top_k_routing)
 from mmjax.fusion.registry import (FUSION_KINDS, FUSION_MODULES,
                                    FusionWithTaskHead, build_fusion,
-                                   build_fusion_from_config, fusion_config_fields)
+                                   build_fusion_from_config, fusion_config_fields,
+                                   needs_tokens)
 from mmjax.fusion.simple import ConcatFusion, LateFusion, MeanFusion
+from mmjax.fusion.mmp import MMPFusion
+from mmjax.fusion.proxy import ProxyTokenFusion
+from mmjax.fusion.tokens import (BottleneckFusion, CrossAttentionFusion, JointFusion,
+                                 OvOTokenFusion, stack_token_inputs)

@@ -18,6 +18,10 @@ from mmjax.fusion.gated import GatedFusion
 from mmjax.fusion.heads import TaskHead
 from mmjax.fusion.moe import MoEFusion
 from mmjax.fusion.simple import ConcatFusion, LateFusion, MeanFusion
+from mmjax.fusion.mmp import MMPFusion
+from mmjax.fusion.proxy import ProxyTokenFusion
+from mmjax.fusion.tokens import (BottleneckFusion, CrossAttentionFusion, JointFusion,
+                                 OvOTokenFusion)
 
 FUSION_MODULES = registry_lib.Registry("fusion kind")
 for _kind, _module in {
@@ -29,10 +33,22 @@ for _kind, _module in {
     "moe": MoEFusion,
     "flexmoe": FlexMoEFusion,
     "gated": GatedFusion,
+    "bottleneck": BottleneckFusion,
+    "cross_attention": CrossAttentionFusion,
+    "joint": JointFusion,
+    "ovo_tokens": OvOTokenFusion,
+    "mmp": MMPFusion,
+    "proxy": ProxyTokenFusion,
 }.items():
   FUSION_MODULES.register(_kind, _module)
 FUSION_KINDS = tuple(FUSION_MODULES)
 Array = jax.Array
+
+
+def needs_tokens(kind: str) -> bool:
+  """Whether a fusion kind fuses token sequences (`needs_tokens` on its class): a model
+  with such a fusion asks its encoders for their tokens (`ModelOutput.tokens`)."""
+  return bool(getattr(FUSION_MODULES.lookup(kind).obj, "needs_tokens", False))
 
 
 def fusion_config_fields(kind: str) -> tuple[str, ...]:
@@ -76,9 +92,15 @@ class FusionWithTaskHead(nn.Module):
   This is what a model holds: `joint, logits, aux = module(features, mask,
   train=...)` with features dict modality -> [B, D_m] (widths may differ when
   `width` is set), mask dict modality -> bool [B]. `logits` is None without a
-  task config. For `late` fusion, joint and logits are the same array: the
-  average of the per-modality heads' outputs (its head config comes from the
-  task config).
+  task config. For `late` fusion (and every kind with `produces_task_output`),
+  joint and logits are the same array: the average of the per-modality heads'
+  outputs (its head config comes from the task config).
+
+  Token-level kinds (`needs_tokens`) also take `tokens` (modality -> [B, T_m, D_m])
+  and `token_mask` (modality -> bool [B, T_m]); the token masks are ANDed with the
+  modality mask (after modality dropout), invalid tokens are zeroed, and `width`
+  projects every token of modality m with m's dense layer. The module then gets
+  `(tokens, token_mask, mask)`; the pooled features only feed the unimodal heads.
 
   Attributes:
     kind: fusion kind.
@@ -116,6 +138,10 @@ class FusionWithTaskHead(nn.Module):
     self.unimodal_heads = ({m: TaskHead(**task) for m in self._modalities()}
                            if self.unimodal_weight > 0 else None)
 
+  @property
+  def needs_tokens(self) -> bool:
+    return needs_tokens(self.kind)
+
   def _modalities(self):
     modalities = dict(self.fusion_config).get("modalities")
     if modalities is None:
@@ -124,11 +150,15 @@ class FusionWithTaskHead(nn.Module):
     return modalities
 
   def __call__(self, features: Mapping[str, Array], mask: Mapping[str, Array],
-               train: bool = False, step: Array | None = None):
+               train: bool = False, step: Array | None = None,
+               tokens: Mapping[str, Array] | None = None,
+               token_mask: Mapping[str, Array] | None = None):
     """Returns (joint [B, D_out], logits [B, C] or None, aux).
 
     `step` (int scalar or None) is passed on to fusion modules whose `__call__` takes
     a `step` (those with step-dependent hyperparameters); the others never see it.
+    `tokens` and `token_mask` are required by token-level kinds and ignored by the
+    others.
     """
     names = common.modality_names(features, mask, dict(self.fusion_config).get(
         "modalities"))
@@ -139,6 +169,44 @@ class FusionWithTaskHead(nn.Module):
     if train and self.modality_dropout > 0:
       mask = common.modality_dropout({m: mask[m] for m in names}, self.modality_dropout,
                                      self.make_rng("dropout"))
+    if self.needs_tokens:
+      joint, aux = self._fuse_tokens(names, mask, tokens, token_mask, train)
+    else:
+      joint, aux = self._fuse_pooled(names, features, mask, train, step)
+    if unimodal_logits is not None:
+      aux = {**aux, "unimodal_logits": unimodal_logits}
+    if self.fusion.produces_task_output:
+      return joint, joint, aux
+    logits = None if self.head is None else self.head(joint, train=train)
+    return joint, logits, aux
+
+  def _fuse_tokens(self, names, mask, tokens, token_mask, train):
+    if tokens is None or token_mask is None:
+      raise ValueError(f"fusion kind {self.kind!r} fuses token sequences: call it with "
+                       f"tokens= and token_mask= (MultimodalModel passes the encoders')")
+    for what, given in (("tokens", tokens), ("token_mask", token_mask)):
+      if set(given) != set(names):
+        raise ValueError(f"fusion kind {self.kind!r}: {what} has modalities "
+                         f"{sorted(given)}, the mask {list(names)}")
+    for m in names:
+      if jnp.ndim(tokens[m]) != 3 or jnp.shape(token_mask[m]) != jnp.shape(tokens[m])[:2]:
+        raise ValueError(f"tokens[{m!r}] must be [B, T, D] with token_mask[{m!r}] "
+                         f"[B, T]; got {jnp.shape(tokens[m])} and "
+                         f"{jnp.shape(token_mask[m])}")
+    token_mask = {m: jnp.asarray(token_mask[m]) & jnp.asarray(mask[m])[:, None]
+                  for m in names}
+    tokens = {m: jnp.where(token_mask[m][..., None], tokens[m], 0) for m in names}
+    if self.projections is not None:
+      tokens = {m: self.projections[m](tokens[m]) for m in names}
+    else:
+      widths = {m: jnp.shape(tokens[m])[-1] for m in names}
+      if len(set(widths.values())) > 1:
+        raise ValueError(f"token-level fusion {self.kind!r} needs tokens of one width, "
+                         f"got widths {widths}; set the fusion config's 'width' "
+                         f"(model.fusion.width) to project each modality's tokens")
+    return self.fusion(tokens, token_mask, {m: mask[m] for m in names}, train=train)
+
+  def _fuse_pooled(self, names, features, mask, train, step):
     if self.projections is not None:
       features = {m: self.projections[m](jnp.where(
           jnp.asarray(mask[m])[:, None], features[m], 0)) for m in names}
@@ -148,14 +216,8 @@ class FusionWithTaskHead(nn.Module):
         raise ValueError(f"fusion needs features of one width, got {widths}; set "
                          f"the fusion config's 'width' to project them")
     takes_step = "step" in inspect.signature(type(self.fusion).__call__).parameters
-    joint, aux = (self.fusion(features, mask, train=train, step=step) if takes_step
-                  else self.fusion(features, mask, train=train))
-    if unimodal_logits is not None:
-      aux = {**aux, "unimodal_logits": unimodal_logits}
-    if self.fusion.produces_task_output:
-      return joint, joint, aux
-    logits = None if self.head is None else self.head(joint, train=train)
-    return joint, logits, aux
+    return (self.fusion(features, mask, train=train, step=step) if takes_step
+            else self.fusion(features, mask, train=train))
 
 
 def build_fusion_from_config(fusion_config: Mapping[str, Any],
@@ -218,7 +280,7 @@ def build_fusion_from_config(fusion_config: Mapping[str, Any],
   if unimodal_weight > 0 and config.get("modalities") is None:
     raise ValueError("task unimodal_weight (one head per modality) needs the "
                      "modalities: pass modalities= or set fusion 'modalities'")
-  if kind == "late" and task:
+  if getattr(FUSION_MODULES.lookup(kind).obj, "produces_task_output", False) and task:
     for field, late_field in (("num_classes", "num_classes"), ("kind", "head_kind"),
                               ("hidden_dim", "head_hidden_dim"),
                               ("dropout_rate", "head_dropout_rate")):

@@ -235,15 +235,18 @@ class AudioTransformer(nn.Module):
       raise ValueError(f'spec_std={self.spec_std} must be positive')
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+  def __call__(self, x: jax.Array, *, train: bool = False,
+               return_tokens: bool = False):
     """Encodes audio.
 
     Args:
       x: float waveform [B, T] or log-mel spectrogram [B, frames, n_mels].
       train: enables SpecAugment, dropout and stochastic depth.
+      return_tokens: also return the patch tokens after the blocks.
 
     Returns:
-      float32 features [B, width].
+      float32 features [B, width]; with `return_tokens`, (features, tokens
+      float32 [B, N, width], token mask bool [B, N], all True).
     """
     self._check(x)
     spec = self.spectrogram(x) if x.ndim == 2 else x.astype(jnp.float32)
@@ -290,4 +293,7 @@ class AudioTransformer(nn.Module):
     x = nn.Dropout(self.dropout)(x, deterministic=not train)
 
     x = layers.encoder_stack(self, x, train=train)
-    return layers.pool_tokens(self, x)
+    pooled = layers.pool_tokens(self, x)
+    if return_tokens:
+      return pooled, x.astype(jnp.float32), jnp.ones(x.shape[:2], bool)
+    return pooled

@@ -192,12 +192,14 @@ class BertEncoder(nn.Module):
 
   @nn.compact
   def __call__(self, tokens: jax.Array, *, train: bool = False,
-               token_types: Optional[jax.Array] = None) -> jax.Array:
+               token_types: Optional[jax.Array] = None, return_tokens: bool = False):
     """Encodes token ids int [B, L] (L <= max_len) into float32 features [B, width].
 
     `token_types` (int [B, L], default zeros) picks each token's type embedding.
     `train` enables dropout (rng stream 'dropout'). Under jit, ids outside the
     vocabulary turn their example's features into NaN (as in `mmjax.models.text`).
+    `return_tokens`: return (features, tokens float32 [B, L, width], valid-token
+    mask bool [B, L]).
 
     Raises:
       ValueError: bad rank or dtype, a sequence longer than `max_len`, concrete ids
@@ -230,4 +232,6 @@ class BertEncoder(nn.Module):
     else:
       out = jnp.tanh(nn.Dense(self.width, dtype=self.dtype, kernel_init=_INIT,
                               name='pooler')(x[:, 0]))
+    if return_tokens:
+      return out.astype(jnp.float32), x.astype(jnp.float32), valid
     return out.astype(jnp.float32)

@@ -135,15 +135,18 @@ class TabularMLP(nn.Module):
     return (x - mean.value) / jnp.sqrt(variance + self.eps)
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+  def __call__(self, x: jax.Array, *, train: bool = False,
+               return_tokens: bool = False):
     """Encodes tabular rows.
 
     Args:
       x: float [B, F]; NaN marks a missing value.
       train: updates running statistics ('running' norm) and enables dropout.
+      return_tokens: also return the row as a sequence of one token.
 
     Returns:
-      float32 features [B, width].
+      float32 features [B, width]; with `return_tokens`, (features, tokens
+      [B, 1, width] (the features), token mask bool [B, 1], all True).
     """
     self._check(x)
     x = x.astype(jnp.float32)
@@ -156,5 +159,7 @@ class TabularMLP(nn.Module):
       h = nn.Dense(self.width, dtype=self.dtype, name=f'dense_{i}')(h)
       h = nn.gelu(h)
       h = nn.Dropout(self.dropout)(h, deterministic=not train)
-    h = nn.LayerNorm(dtype=self.dtype, name='out_norm')(h)
-    return h.astype(jnp.float32)
+    h = nn.LayerNorm(dtype=self.dtype, name='out_norm')(h).astype(jnp.float32)
+    if return_tokens:
+      return h, h[:, None], jnp.ones((h.shape[0], 1), bool)
+    return h

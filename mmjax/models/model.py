@@ -9,6 +9,7 @@ which to ignore.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Mapping, Optional
 
 import flax
@@ -40,6 +41,11 @@ class ModelOutput:
   unimodal_logits: modality -> [B, num_classes] from the auxiliary unimodal heads
     (`model.task.unimodal_weight` > 0), or None.
   unimodal_weight: that weight (static), which the task objective applies.
+  tokens: modality -> [B, T_m, encoder width], the encoder's token sequence, or None:
+    computed only when the fusion kind works on tokens (`fusion.needs_tokens`), so a
+    model with pooled fusion or none (CLIP) traces exactly what it did before.
+  token_mask: modality -> bool [B, T_m], True for a valid token of a present
+    modality (an absent modality's row is all False), or None with `tokens`.
   """
   embeddings: dict
   features: dict
@@ -51,6 +57,8 @@ class ModelOutput:
   matcher: Optional[matching_lib.Matcher] = None
   unimodal_logits: Optional[dict] = None
   unimodal_weight: float = flax.struct.field(pytree_node=False, default=0.0)
+  tokens: Optional[dict] = None
+  token_mask: Optional[dict] = None
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
@@ -132,20 +140,29 @@ class MultimodalModel(nn.Module):
         raise ValueError(
             f"the model expects modality {m!r} (model.encoders) but the batch has only "
             f"{sorted(k for k in batch if k not in ('mask', 'label', 'index', 'factors'))}")
+    if self.fusion is not None:
+      for m in self.modalities:
+        if m not in mask:
+          raise ValueError(f"fusion needs batch['mask'][{m!r}]; the mask has {sorted(mask)}")
+    want_tokens = self.fusion is not None and self.fuse.needs_tokens
     features, embeddings = {}, {}
+    tokens, token_mask = ({}, {}) if want_tokens else (None, None)
     for m in self.modalities:
-      features[m] = self.towers[m](batch[m], train=train)
+      if want_tokens:   # absent modalities: every token invalid
+        features[m], tokens[m], valid = self.towers[m](batch[m], train=train,
+                                                       return_tokens=True)
+        token_mask[m] = valid & jnp.asarray(mask[m])[:, None]
+      else:
+        features[m] = self.towers[m](batch[m], train=train)
       embeddings[m] = l2_normalize(self.heads[m](features[m]).astype(jnp.float32))
     logit_scale = jnp.exp(self.log_logit_scale)
     logit_bias = self.logit_bias if self.logit_bias_init is not None else None
     logits = joint = unimodal_logits = None
     aux = {}
     if self.fusion is not None:
-      for m in self.modalities:
-        if m not in mask:
-          raise ValueError(f"fusion needs batch['mask'][{m!r}]; the mask has {sorted(mask)}")
       joint, logits, aux = self.fuse(features, {m: mask[m] for m in self.modalities},
-                                     train=train, step=step)
+                                     train=train, step=step, tokens=tokens,
+                                     token_mask=token_mask)
       aux = dict(aux)
       unimodal_logits = aux.pop("unimodal_logits", None)
     matcher = None
@@ -160,7 +177,8 @@ class MultimodalModel(nn.Module):
     return ModelOutput(embeddings=embeddings, features=features, logit_scale=logit_scale,
                        logit_bias=logit_bias, logits=logits, joint=joint, aux=aux,
                        matcher=matcher, unimodal_logits=unimodal_logits,
-                       unimodal_weight=(self.fusion or {}).get("unimodal_weight", 0.0))
+                       unimodal_weight=(self.fusion or {}).get("unimodal_weight", 0.0),
+                       tokens=tokens, token_mask=token_mask)
 
 
 def build(model_config) -> MultimodalModel:
@@ -180,6 +198,15 @@ def build(model_config) -> MultimodalModel:
       raise ValueError(f"model.fusion: {e}") from None
     fusion = {f: getattr(fused, f) for f in registry_lib.dataclass_fields(
         fusion_lib.FusionWithTaskHead)}
+    if fusion_lib.needs_tokens(fusion["kind"]):
+      for m, e in sorted(encoders.items()):
+        module = registry.ENCODERS[e["kind"]].obj.module
+        if "return_tokens" not in inspect.signature(module.__call__).parameters:
+          raise ValueError(
+              f"model.fusion: kind {fusion['kind']!r} fuses token sequences, but the "
+              f"encoder of {m!r} (model.encoders.{m}.kind={e['kind']!r}, "
+              f"{module.__name__}) returns only a pooled vector (its __call__ has no "
+              f"return_tokens)")
   matching = c.get("matching")
   if matching is not None:
     if len(encoders) < 2:

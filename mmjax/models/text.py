@@ -118,16 +118,20 @@ class TextTransformer(nn.Module):
             f'[{low}, {high}]')
 
   @nn.compact
-  def __call__(self, tokens: jax.Array, *, train: bool = False) -> jax.Array:
+  def __call__(self, tokens: jax.Array, *, train: bool = False,
+               return_tokens: bool = False):
     """Encodes token ids.
 
     Args:
       tokens: int [B, L] with L <= max_len.
       train: enables dropout and stochastic depth (rng stream 'dropout').
+      return_tokens: also return the token sequence after the blocks.
 
     Returns:
       float32 features [B, width] (NaN rows for out-of-vocabulary ids under
-      jit, see the module docstring).
+      jit, see the module docstring); with `return_tokens`, (features, tokens
+      float32 [B, L, width] (before any `proj_dim` head), the valid-token mask
+      bool [B, L]).
 
     Raises:
       ValueError: bad rank or dtype, a sequence longer than `max_len`,
@@ -169,4 +173,6 @@ class TextTransformer(nn.Module):
     if self.proj_dim:
       out = nn.Dense(self.proj_dim, use_bias=self.proj_bias, dtype=self.dtype,
                      kernel_init=layers.DENSE_INIT, name='head')(out)
+    if return_tokens:
+      return out.astype(jnp.float32), x.astype(jnp.float32), valid
     return out.astype(jnp.float32)

@@ -79,16 +79,18 @@ class TimeSeriesTransformer(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None, *,
-               train: bool = False) -> jax.Array:
+               train: bool = False, return_tokens: bool = False):
     """Encodes sequences.
 
     Args:
       x: float [B, T, C].
       mask: bool [B, T], True for real steps (None: all real).
       train: enables dropout and stochastic depth (rng stream 'dropout').
+      return_tokens: also return the tokens after the blocks.
 
     Returns:
-      float32 features [B, width].
+      float32 features [B, width]; with `return_tokens`, (features, tokens
+      float32 [B, N, width], their validity bool [B, N]).
     """
     self._check(x, mask)
     batch, steps, _ = x.shape
@@ -117,4 +119,7 @@ class TimeSeriesTransformer(nn.Module):
 
     x = layers.encoder_stack(
         self, x, layers.padding_attention_mask(valid, causal=False), train=train)
-    return layers.pool_tokens(self, x, valid)
+    pooled = layers.pool_tokens(self, x, valid)
+    if return_tokens:
+      return pooled, x.astype(jnp.float32), valid
+    return pooled

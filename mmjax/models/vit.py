@@ -117,16 +117,20 @@ class ViT(nn.Module):
     return layers.Conv(self.width, (1, 1), dtype=self.dtype, name='embedding')(x)
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+  def __call__(self, x: jax.Array, *, train: bool = False,
+               return_tokens: bool = False):
     """Encodes images or videos.
 
     Args:
       x: float images [B, H, W, C] or videos [B, T, H, W, C]; H and W
         divisible by `patch_size`, T by `tubelet`.
       train: enables dropout and stochastic depth (rng stream 'dropout').
+      return_tokens: also return the tokens after the blocks (see Returns).
 
     Returns:
-      float32 features [B, width].
+      float32 features [B, width]; with `return_tokens`, (features, tokens
+      float32 [B, N, width] (the class token first when pool='cls'), token mask
+      bool [B, N], all True).
     """
     self._check(x)
     p = self.patch_size
@@ -162,4 +166,7 @@ class ViT(nn.Module):
     x = nn.Dropout(self.dropout)(x, deterministic=not train)
 
     x = layers.encoder_stack(self, x, train=train)
-    return layers.pool_tokens(self, x)
+    pooled = layers.pool_tokens(self, x)
+    if return_tokens:
+      return pooled, x.astype(jnp.float32), jnp.ones(x.shape[:2], bool)
+    return pooled
