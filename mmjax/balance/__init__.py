@@ -76,8 +76,8 @@ def modulated(config) -> tuple[str, ...]:
 
 def check(config) -> None:
   """Every check of `config.balance`, against the model and objective."""
-  b = config.balance
-  if not b.method:
+  b = config.get("balance")
+  if b is None or not b.method:
     return
   if b.method not in METHODS:
     raise ValueError(f"balance.method={b.method!r}: use '' (none) or one of {METHODS}")
