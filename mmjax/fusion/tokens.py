@@ -145,8 +145,10 @@ class BottleneckFusion(nn.Module):
   logits are averaged over the present modalities (MBT averages the per-modality
   logits), so `joint` is the task output (`produces_task_output`).
 
-  With `fusion_layer == num_layers` nothing is ever exchanged: the module is late
-  fusion of num_layers-block per-modality transformers.
+  A bottleneck updated by the last block reaches no one (only the class tokens are
+  read), so exchange needs fusion_layer <= num_layers - 2; with `fusion_layer` equal
+  to num_layers (or num_layers - 1) the module is late fusion of num_layers-block
+  per-modality transformers.
 
   Attributes:
     num_classes, head_kind, head_hidden_dim, head_dropout_rate: the per-modality
@@ -164,7 +166,7 @@ class BottleneckFusion(nn.Module):
   head_hidden_dim: int | None = None
   head_dropout_rate: float = 0.0
   num_layers: int = 2
-  fusion_layer: int = 1
+  fusion_layer: int = 0
   num_bottlenecks: int = 4
   num_heads: int = 2
   mlp_dim: int | None = None
