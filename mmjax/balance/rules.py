@@ -223,7 +223,8 @@ def cggm(modalities, rho: float = 1.3, *, start_step: int = 0, end_step: int = 0
 
 
 class InfoRegState(NamedTuple):
-  """anchor: the modulated towers' params at the start of the current period;
+  """anchor: the modulated towers' params at the start of the current period
+  ({'towers_<m>': subtree});
   period_trace [K]: the Fisher traces summed over the period so far; traces [K, W+1]:
   the last W+1 periods' (oldest first, zeros before there were any); periods: how many
   have ended; growth [K]: the relative growth of the trace at the last period's end
@@ -253,7 +254,9 @@ def inforeg(modalities, beta: float = 0.95, *, threshold: float = 0.05,
   k = len(modalities)
 
   def init(params):
-    anchor = towers(params, modalities)
+    # Keyed like the params ('towers_<m>'), so that a sharded layout of the params
+    # (FSDP) applies to the anchor too.
+    anchor = {TOWERS.format(m): sub for m, sub in towers(params, modalities).items()}
     return InfoRegState(anchor=jax.tree.map(jnp.asarray, anchor),
                         period_trace=jnp.zeros((k,), jnp.float32),
                         traces=jnp.zeros((k, window + 1), jnp.float32),
@@ -266,7 +269,7 @@ def inforeg(modalities, beta: float = 0.95, *, threshold: float = 0.05,
       raise ValueError("balance 'inforeg' needs the params in the optimizer update")
     step = jnp.asarray(_extra(extra_args, "step"))
     scores = read_scores(_extra(extra_args, "metrics"), modalities, CONFIDENCE)
-    current = towers(params, modalities)
+    current = {TOWERS.format(m): sub for m, sub in towers(params, modalities).items()}
     # A period ends before this step: record its trace, take a new anchor.
     ends = (step > 0) & (step % period == 0)
     traces = jnp.where(ends, jnp.concatenate([state.traces[:, 1:],
@@ -283,7 +286,7 @@ def inforeg(modalities, beta: float = 0.95, *, threshold: float = 0.05,
     strengths = jnp.where(on, inforeg_strengths(scores, growth, beta, threshold), 0.0)
     updates = _with_towers(updates, {
         m: jax.tree.map(lambda g, p, a, b=strengths[i]: (g + b * (p - a)).astype(g.dtype),
-                        grads[m], current[m], anchor[m])
+                        grads[m], current[TOWERS.format(m)], anchor[TOWERS.format(m)])
         for i, m in enumerate(modalities)})
     return updates, InfoRegState(anchor, period_trace, traces,
                                  state.periods + ends.astype(jnp.int32), growth, strengths)
