@@ -38,7 +38,8 @@ def get_config(arg=None):
   unknown = sorted(names - set(OBJECTIVES) - {"runlocal"})
   chosen = names & set(OBJECTIVES)
   if unknown or len(chosen) > 1:
-    raise ValueError(f"config variants {sorted(names)}: one of {OBJECTIVES}, and runlocal")
+    raise ValueError(f"unknown config variant(s) {unknown} or more than one objective "
+                     f"in {sorted(names)}: one of {OBJECTIVES}, and runlocal")
   objective = chosen.pop() if chosen else "comm"
   c = config_lib.base_config()
   c.name = f"comm_world_{objective}"

@@ -333,3 +333,16 @@ def test_imbalance_evaluator_probes_each_encoder(mesh8, tmp_path):
   c.evals = ml_collections.ConfigDict({"imbalance": bad})
   with pytest.raises(ValueError, match="alone: accuracy of 'audio'"):
     experiment.build_evaluators(c)
+
+
+@pytest.mark.parametrize("path,arg", [
+    ("balance_world.py", v) for v in ("none", "ogm_ge", "mlb", "inforeg", "cggm",
+                                      "audio_only", "image_only")] + [
+    ("comm_world.py", v) for v in ("comm", "pairwise", "gram")])
+def test_the_configs_pass_their_checks(mesh8, path, arg):
+  config = config_lib.load_config(os.path.join(CONFIGS, path), arg)
+  experiment.check_config(config, mesh8)
+  experiment.build_evaluators(config)
+  experiment.build_objective(config)
+  with pytest.raises(ValueError, match="unknown config variant"):
+    config_lib.load_config(os.path.join(CONFIGS, path), "nonesuch")
