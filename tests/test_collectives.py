@@ -84,3 +84,33 @@ def test_fixed_order_is_read_at_trace_time_and_restored():
       assert not collectives.fixed_order_enabled()
     assert collectives.fixed_order_enabled()
   assert not collectives.fixed_order_enabled()
+
+
+def test_fixed_order_over_a_tuple_of_axes():
+  """Over ('data', 'fsdp') on a 2 x 4 mesh: the sum in flat device order, and the
+  gradient of a parameter split over 'fsdp' (replicated over 'data') through it, as
+  jax.lax.psum's."""
+  mesh = jax.make_mesh((2, 4), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  axes = ("data", "fsdp")
+  rng = np.random.default_rng(2)
+  x = (rng.standard_normal((8, 5)) * 10.0 ** rng.integers(-4, 8, (8, 5))).astype(np.float32)
+
+  def total(x):
+    with collectives.fixed_order():
+      return collectives.psum(x[0], axes)
+
+  got = _sharded(mesh, total, P(axes), P())(x)
+  np.testing.assert_array_equal(np.asarray(got), _left_to_right(x))
+
+  w = jnp.asarray(rng.standard_normal((4, 3)), jnp.float32)     # split over fsdp only
+
+  def make(fixed):
+    def loss(w, x):
+      with collectives.fixed_order(fixed):
+        local = jnp.sum(jnp.tanh(x[:, :1] * w)) * (
+            1.0 + jax.lax.axis_index(axes).astype(jnp.float32))
+        return collectives.psum(local, axes)
+    return _sharded(mesh, jax.grad(loss), (P("fsdp"), P(axes)), P("fsdp"))
+
+  np.testing.assert_allclose(make(True)(w, x), make(False)(w, x), rtol=1e-5, atol=1e-5)
+  assert float(jnp.abs(make(True)(w, x)).sum()) > 0
