@@ -269,7 +269,7 @@ class FlexMoEFusion(nn.Module):
     out_dim: output width (default: D).
     modalities: expected modality names, or None to accept any.
     expert_axis: mesh axis the experts are sharded over (expert parallelism,
-      `mmjax.fusion.moe`), or None.
+      `mmjax.fusion.moe`; 'expert', the train step's), or None.
   """
   produces_task_output: ClassVar[bool] = False
   num_experts: int | None = None
@@ -287,7 +287,7 @@ class FlexMoEFusion(nn.Module):
   s_router: str = "code"
   out_dim: int | None = None
   modalities: Sequence[str] | None = None
-  expert_axis: str | None = None
+  expert_axis: str | None = "expert"
 
   def __post_init__(self):
     if self.s_router not in S_ROUTERS:

@@ -60,7 +60,7 @@ Array = jax.Array
 
 # The expert-stacked params of a SparseMoE (leading axis: experts), by their
 # '/'-joined path: the sharding rule puts their leading axis on the expert axis.
-EXPERT_PARAM_PATTERN = r"(^|.*/)moe_\d+/(w_in|b_in|w_out|b_out)$"
+EXPERT_PARAM_PATTERN = r"(?:.*/)?moe_\d+/(?:w_in|b_in|w_out|b_out)"
 
 
 def expert_parallel_size(num_experts: int, expert_axis: str | None) -> int:
@@ -90,7 +90,7 @@ def expert_param_specs(params, expert_axis: str = "expert"):
 
   def spec(path, _):
     name = "/".join(str(getattr(k, "key", k)) for k in path)
-    return P(expert_axis) if pattern.match(name) else P()
+    return P(expert_axis) if pattern.fullmatch(name) else P()
 
   return jax.tree_util.tree_map_with_path(spec, params)
 
@@ -247,8 +247,9 @@ class SparseMoE(nn.Module):
       (Shazeer et al., 2017); draws from the 'dropout' rng stream.
     renormalize: renormalise the top-k weights (default: top_k > 1).
     dropout_rate: dropout on the expert hidden layer (training only).
-    expert_axis: mesh axis the experts are sharded over (see the module doc),
-      or None: every device runs every expert.
+    expert_axis: mesh axis the experts are sharded over where it is bound (see
+      the module doc; 'expert', the train step's mesh axis), or None: every
+      device runs every expert.
   """
   num_experts: int
   top_k: int
@@ -257,7 +258,7 @@ class SparseMoE(nn.Module):
   noisy_gating: bool = False
   renormalize: bool | None = None
   dropout_rate: float = 0.0
-  expert_axis: str | None = None
+  expert_axis: str | None = "expert"
 
   def __post_init__(self):
     check_routing_config(self.num_experts, self.top_k, self.capacity_factor)
@@ -309,6 +310,15 @@ class SparseMoE(nn.Module):
     # With expert parallelism these are this device's E / n experts.
     groups = expert_parallel_size(num_experts, self.expert_axis)
     local = num_experts // groups
+    if groups > 1 and self.has_variable("params", "w_in"):
+      held = self.get_variable("params", "w_in").shape[0]
+      if held != local:
+        raise ValueError(
+            f"{self.name}: the expert params hold {held} experts on this device, but "
+            f"mesh axis {self.expert_axis!r} of size {groups} gives each device "
+            f"{num_experts} / {groups} = {local}: shard them on their leading axis "
+            f"with P({self.expert_axis!r}) (moe.EXPERT_PARAM_PATTERN, the train "
+            f"step's default rule) or set expert_axis=None")
     kernel_init = nn.initializers.lecun_normal(in_axis=-2, out_axis=-1,
                                                batch_axis=(0,))
     w_in = self.param("w_in", kernel_init, (local, width, self.mlp_dim))
@@ -378,8 +388,8 @@ class MoEFusion(nn.Module):
     out_dim: output width (default: D).
     modalities: expected modality names, or None to accept any.
     expert_axis: mesh axis the experts are sharded over (expert parallelism,
-      see the module doc; configs set it with a mesh that has that axis), or
-      None.
+      see the module doc): 'expert', the train step's axis (`config.mesh.expert`;
+      size 1, the default mesh, runs every expert on every device), or None.
   """
   produces_task_output: ClassVar[bool] = False
   num_experts: int = 4
@@ -396,7 +406,7 @@ class MoEFusion(nn.Module):
   z_loss_weight: float = 0.001
   out_dim: int | None = None
   modalities: Sequence[str] | None = None
-  expert_axis: str | None = None
+  expert_axis: str | None = "expert"
 
   def __post_init__(self):
     check_routing_config(self.num_experts, self.top_k, self.capacity_factor)

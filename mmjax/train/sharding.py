@@ -33,12 +33,17 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mmjax import collectives
+from mmjax.fusion import moe
 from mmjax.train import mesh as mesh_lib
 from mmjax.train import optimizer as opt_lib
 
 # Module default rules, (pattern, spec) pairs in the format of `config.sharding.rules`.
 # Modules append theirs here; they apply after the config's rules.
-DEFAULT_RULES: tuple[tuple[str, tuple], ...] = ()
+DEFAULT_RULES: tuple[tuple[str, tuple], ...] = (
+    # moe / flexmoe fusion: the experts' stacked weights, one block of E / n experts
+    # per device of the 'expert' axis (expert parallelism, mmjax.fusion.moe).
+    (moe.EXPERT_PARAM_PATTERN, (mesh_lib.EXPERT,)),
+)
 
 # Arrays below this many elements stay replicated under the fsdp rule (64 Ki elements:
 # 256 KiB in float32). Gathering a small array costs a collective's latency for little
