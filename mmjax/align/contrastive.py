@@ -1,15 +1,13 @@
 """Contrastive alignment losses: CLIP (softmax InfoNCE) and SigLIP (sigmoid).
 
-All losses take local [B, D] embeddings and a scalar `logit_scale` (the
-multiplier, already exponentiated: 1 / temperature) and return
-`(loss, metrics)`, both scalars.
+All losses take local [B, D] embeddings and a scalar `logit_scale` (the multiplier,
+already exponentiated: 1 / temperature) and return `(loss, metrics)`, both scalars.
 
 Multi-device convention (`axis_name` given, inside `jax.shard_map` over that
 mesh axis, each device holding its block of b = B / n rows of the global batch,
 in device order). `axis_name` may be a tuple of mesh axes (the train step passes
-every axis the batch is split over, e.g. ('data', 'fsdp', 'expert')): the
-devices are then ordered by their flat index over those axes, and gathers, sums
-and rings run over all of them.
+every axis the batch is split over): devices are then ordered by their flat index
+over them, and gathers, sums and rings run over all of them.
 
 * Every device returns the same scalar: the loss of the global batch of B
   samples, exactly as a single device would compute it on the concatenated
