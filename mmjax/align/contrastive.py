@@ -443,8 +443,7 @@ def pairwise_loss(embeddings: Mapping[str, jax.Array], *, anchor=None,
     metrics[f"{a}|{b}/loss"] = pair_metrics["loss"]
     metrics[f"{a}->{b}/accuracy"] = pair_metrics["x->y/accuracy"]
     metrics[f"{b}->{a}/accuracy"] = pair_metrics["y->x/accuracy"]
-    metrics[f"{a}|{b}/mean_positive_similarity"] = (
-        pair_metrics["mean_positive_similarity"])
+    metrics[f"{a}|{b}/mean_positive_similarity"] = pair_metrics["mean_positive_similarity"]
   loss = sum(losses) / len(losses)
   metrics["loss"] = jax.lax.stop_gradient(loss)
   metrics["accuracy"] = sum(accuracies) / len(accuracies)
