@@ -92,6 +92,117 @@ class MlpBlock(nn.Module):
                     bias_init=BIAS_INIT, name='fc2')(y)
 
 
+ATTENTION_IMPLS = ('auto', 'einsum', 'dot_product_attention')
+
+
+def _flat_init(init, shape, in_axes: int):
+  """`init` drawn on the [prod(in), prod(out)] matrix of a kernel `shape` whose
+  first `in_axes` axes are its inputs, reshaped (what `nn.DenseGeneral` draws)."""
+  def draw(rng, shape=shape, dtype=jnp.float32):
+    flat = (int(np.prod(shape[:in_axes])), int(np.prod(shape[in_axes:])))
+    return init(rng, flat, dtype).reshape(shape)
+  return draw
+
+
+class Projection(nn.Module):
+  """One attention projection with `nn.DenseGeneral`'s params as
+  `nn.MultiHeadDotProductAttention` lays them out ('kernel' [*in, *out], 'bias'
+  [*out], drawn as DenseGeneral draws them): x [..., *in] -> [..., *out]."""
+  in_shape: tuple[int, ...]
+  out_shape: tuple[int, ...]
+  kernel_init: Any = DENSE_INIT
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    n = len(self.in_shape)
+    kernel = self.param('kernel', _flat_init(self.kernel_init, self.in_shape +
+                                             self.out_shape, n))
+    bias = self.param('bias', nn.initializers.zeros, self.out_shape)
+    axes = (tuple(range(x.ndim - n, x.ndim)), tuple(range(n)))
+    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (axes, ((), ())))
+    return y + bias.astype(self.dtype)
+
+
+def attention_core(q: jax.Array, k: jax.Array, v: jax.Array,
+                   mask: Optional[jax.Array], impl: str = 'auto',
+                   dropout: Optional[tuple[float, jax.Array]] = None) -> jax.Array:
+  """softmax(q k^T / sqrt(d) masked) v per head, the weights in float32.
+
+  Args:
+    q: [B, T, H, d]; k, v: [B, S, H, d].
+    mask: bool broadcastable to [B, H, T, S] (True = may attend), or None.
+    impl: 'einsum' (written here: heads moved in front, two batched matmuls;
+      the fastest on the CPU), 'dot_product_attention' (`jax.nn.dot_product_attention`,
+      which takes cuDNN's fused kernel on a GPU where it applies and XLA's
+      otherwise) or 'auto' (the second on GPUs, the first elsewhere).
+    dropout: (rate, rng) for dropout on the weights ('einsum' only), or None.
+
+  Returns:
+    [B, T, H, d] in q's dtype.
+  """
+  if impl == 'auto':
+    impl = 'dot_product_attention' if jax.default_backend() == 'gpu' else 'einsum'
+  if impl == 'dot_product_attention' and dropout is None:
+    if mask is not None:
+      mask = jnp.broadcast_to(mask, mask.shape[:-2] + (q.shape[1], k.shape[1]))
+    return jax.nn.dot_product_attention(q, k, v, mask=mask)
+  dtype = q.dtype
+  q = (q * jnp.asarray(q.shape[-1] ** -0.5, dtype)).transpose(0, 2, 1, 3)
+  k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+  logits = jnp.einsum('bhtd,bhsd->bhts', q, k, preferred_element_type=jnp.float32)
+  if mask is not None:
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  weights = jax.nn.softmax(logits, axis=-1)
+  if dropout is not None:
+    rate, rng = dropout
+    keep = jax.random.bernoulli(rng, 1.0 - rate, weights.shape)
+    weights = jnp.where(keep, weights / (1.0 - rate), 0.0)
+  out = jnp.einsum('bhts,bhsd->bhtd', weights.astype(dtype), v)
+  return out.transpose(0, 2, 1, 3)
+
+
+class Attention(nn.Module):
+  """Multi-head attention with the params of `nn.MultiHeadDotProductAttention`
+  (query / key / value: 'kernel' [D, H, d], 'bias' [H, d]; out: 'kernel' [H, d, D],
+  'bias' [D]), so checkpoints, converters and LoRA see the same tree.
+
+  The weights are computed by `attention_core`.
+
+  Attributes:
+    num_heads: H (the width must be divisible by it).
+    dtype: compute dtype.
+    dropout_rate: dropout on the attention weights.
+    kernel_init: initialiser of the four kernels (the biases start at zero).
+    impl: see `attention_core`.
+  """
+  num_heads: int
+  dtype: Dtype = jnp.float32
+  dropout_rate: float = 0.0
+  kernel_init: Any = DENSE_INIT
+  impl: str = 'auto'
+
+  @nn.compact
+  def __call__(self, inputs_q: jax.Array, inputs_kv: Optional[jax.Array] = None,
+               mask: Optional[jax.Array] = None, deterministic: bool = True):
+    """inputs_q [B, T, D], inputs_kv [B, S, D] (None: self-attention); mask
+    broadcastable to [B, H, T, S]. Returns [B, T, D]."""
+    if self.impl not in ATTENTION_IMPLS:
+      raise ValueError(f'attention impl={self.impl!r} is not one of {ATTENTION_IMPLS}')
+    width = inputs_q.shape[-1]
+    if width % self.num_heads:
+      raise ValueError(f'width {width} is not divisible by num_heads={self.num_heads}')
+    heads = (self.num_heads, width // self.num_heads)
+    kv = inputs_q if inputs_kv is None else inputs_kv
+    q, k, v = (Projection((width,), heads, self.kernel_init, self.dtype, name=n)(a)
+               for a, n in ((inputs_q, 'query'), (kv, 'key'), (kv, 'value')))
+    dropout = None
+    if self.dropout_rate > 0 and not deterministic:
+      dropout = (self.dropout_rate, self.make_rng('dropout'))
+    y = attention_core(q, k, v, mask, self.impl, dropout)
+    return Projection(heads, (width,), self.kernel_init, self.dtype, name='out')(y)
+
+
 class EncoderBlock(nn.Module):
   """One pre-LN transformer block: x + Attn(LN(x)); x + MLP(LN(x)).
 
@@ -106,6 +217,7 @@ class EncoderBlock(nn.Module):
     dtype: compute dtype.
     activation: the MLP's activation (`ACTIVATIONS`).
     ln_eps: epsilon of both LayerNorms.
+    attention: how the attention weights are computed (`attention_core`'s impl).
   """
   num_heads: int
   mlp_dim: int
@@ -117,6 +229,7 @@ class EncoderBlock(nn.Module):
   dtype: Dtype = jnp.float32
   activation: str = 'gelu_tanh'
   ln_eps: float = 1e-6
+  attention: str = 'auto'
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: Optional[jax.Array], rate):
@@ -132,10 +245,8 @@ class EncoderBlock(nn.Module):
       [B, L, D] (or `([B, L, D], None)` when `scanned`).
     """
     y = nn.LayerNorm(self.ln_eps, dtype=self.dtype, name='ln_attn')(x)
-    y = nn.MultiHeadDotProductAttention(
-        num_heads=self.num_heads, dtype=self.dtype, kernel_init=DENSE_INIT,
-        dropout_rate=self.attn_dropout, name='attn')(
-            y, y, mask=mask, deterministic=self.deterministic)
+    y = Attention(self.num_heads, self.dtype, self.attn_dropout, impl=self.attention,
+                  name='attn')(y, mask=mask, deterministic=self.deterministic)
     y = nn.Dropout(self.dropout)(y, deterministic=self.deterministic)
     if self.use_drop_path and not self.deterministic:
       y = drop_path(y, rate, self.make_rng('dropout'))
@@ -165,6 +276,8 @@ class TransformerStack(nn.Module):
     scan_layers: one `nn.scan` over the blocks (flat compile time in depth).
     activation, ln_eps: the blocks' MLP activation and LayerNorm epsilon (also
       the final LayerNorm's).
+    attention: `attention_core`'s impl ('auto': `jax.nn.dot_product_attention`
+      on GPUs, the einsum formulation elsewhere).
   """
   depth: int
   num_heads: int
@@ -177,6 +290,7 @@ class TransformerStack(nn.Module):
   scan_layers: bool = False
   activation: str = 'gelu_tanh'
   ln_eps: float = 1e-6
+  attention: str = 'auto'
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None, *,
@@ -193,7 +307,7 @@ class TransformerStack(nn.Module):
         num_heads=self.num_heads, mlp_dim=self.mlp_dim, dropout=self.dropout,
         attn_dropout=self.attn_dropout, use_drop_path=self.drop_path > 0,
         deterministic=not train, dtype=self.dtype, activation=self.activation,
-        ln_eps=self.ln_eps)
+        ln_eps=self.ln_eps, attention=self.attention)
     rates = np.linspace(0.0, self.drop_path, self.depth, dtype=np.float32)
     if self.scan_layers:
       scanned = nn.scan(
@@ -222,7 +336,8 @@ def encoder_stack(encoder: nn.Module, x: jax.Array, mask=None, *,
       attn_dropout=encoder.attn_dropout, drop_path=encoder.drop_path,
       dtype=encoder.dtype, remat=encoder.remat, scan_layers=encoder.scan_layers,
       activation=getattr(encoder, 'activation', 'gelu_tanh'),
-      ln_eps=getattr(encoder, 'ln_eps', 1e-6), name='encoder')(x, mask, train=train)
+      ln_eps=getattr(encoder, 'ln_eps', 1e-6),
+      attention=getattr(encoder, 'attention', 'auto'), name='encoder')(x, mask, train=train)
 
 
 def pool_tokens(encoder: nn.Module, x: jax.Array, valid=None) -> jax.Array:
@@ -251,6 +366,7 @@ class MAPHead(nn.Module):
   dtype: Dtype = jnp.float32
   activation: str = 'gelu_tanh'
   ln_eps: float = 1e-6
+  attention: str = 'auto'
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None
@@ -261,9 +377,8 @@ class MAPHead(nn.Module):
                        (1, 1, width), jnp.float32)
     probe = jnp.broadcast_to(probe.astype(self.dtype), (batch, 1, width))
     attn_mask = None if mask is None else mask[:, None, None, :]
-    y = nn.MultiHeadDotProductAttention(
-        num_heads=self.num_heads, dtype=self.dtype, kernel_init=DENSE_INIT,
-        name='attn')(probe, x, mask=attn_mask, deterministic=True)
+    y = Attention(self.num_heads, self.dtype, impl=self.attention, name='attn')(
+        probe, x, mask=attn_mask)
     z = nn.LayerNorm(self.ln_eps, dtype=self.dtype, name='ln')(y)
     y = y + MlpBlock(self.mlp_dim, dtype=self.dtype, activation=self.activation,
                      name='mlp')(z, True)
