@@ -8,6 +8,7 @@ attention weights, QuickGELU / exact / tanh GELU, class-token, argmax, final-pos
 and MAP pooling). The real libraries are compared in benchmarks/bench_pretrained.py.
 """
 
+import functools
 import math
 import zipfile
 
@@ -608,7 +609,7 @@ def test_trainer_init_from_replaces_params_and_resets_the_optimizer(tmp_path):
   """What the trainer does on a fresh run with `config.init_from.path` (on a resumed one
   it restores its own checkpoint instead: `trainer._train`)."""
   import optax
-  from mmjax.train import mesh as mesh_lib, step as step_lib
+  from mmjax.train import mesh as mesh_lib, sharding as sharding_lib, step as step_lib
   c = clip_model()
   images, tokens = inputs()
   _, abstract, _ = init(c, images, tokens)
@@ -622,12 +623,13 @@ def test_trainer_init_from_replaces_params_and_resets_the_optimizer(tmp_path):
   state = step_lib.TrainState.create(apply_fn=None, tx=tx,
                                      params=jax.device_put(fresh, replicated))
   lines = []
-  init_from = trainer._init_from  # pylint: disable=protected-access
-  state = init_from(state, c.init_from, tx, mesh, lines.append)
+  specs = sharding_lib.replicated_specs(state.params)
+  init_from = functools.partial(trainer._init_from, specs=specs)  # pylint: disable=protected-access
+  state = init_from(state, c.init_from, tx, mesh, report=lines.append)
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), start)
   assert all(np.all(np.asarray(m) == 0) for m in jax.tree.leaves(state.opt_state[0].mu))
   assert jax.tree.leaves(state.params)[0].sharding.is_fully_replicated
   assert 'towers_image: ' in lines[0]
   c.init_from.format = 'timm'
   with pytest.raises(ValueError, match="init_from: .*no timm ViT"):
-    init_from(state, c.init_from, tx, mesh, lines.append)
+    init_from(state, c.init_from, tx, mesh, report=lines.append)
