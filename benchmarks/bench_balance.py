@@ -63,7 +63,7 @@ def balance_table(rows, weak, strong):
            f"{weak} alone | {strong} alone | weak raised | fused raised | wall s |",
            "|---|---|---|---|---|---|---|---|---|"]
   base = rows["none"]
-  for method, r in rows.items():
+  for method, r in rows.items():   # the control row is compared with 'none' too
     raised = "" if method == "none" else (
         f"{'yes' if r['weak'] > base['weak'] else 'no'} | "
         f"{'yes' if r['fused'] > base['fused'] else 'no'}")
@@ -80,10 +80,13 @@ def run_balance(args, part, make, weak, strong):
     metrics, _ = train(make(f"{m}_only"), os.path.join(args.workdir, part, f"{m}_only"))
     alone[m] = metrics[f"eval/probe/{m}/accuracy"]
   rows = {}
-  for method in METHODS:
-    config = make(method)
+  for method in METHODS + ("none, heads w=2",):
+    config = make(method.split(",")[0])
+    if method != "none" and method.startswith("none"):    # the control for mlb's heads
+      config.model.task.unimodal_weight = 2.0
     config.evals.imbalance.alone = tuple(alone.items())
-    metrics, wall = train(config, os.path.join(args.workdir, part, method))
+    metrics, wall = train(config, os.path.join(args.workdir, part, method.replace(", ", "_")
+                                               .replace(" ", "").replace("=", "")))
     get = lambda k: metrics[f"eval/imbalance/{k}"]
     rows[method] = {"weak": get(f"{weak}/probe_accuracy"),
                     "strong": get(f"{strong}/probe_accuracy"),
