@@ -143,10 +143,13 @@ def make_grad_fn(model, objective: Callable, objective_config, mesh, *,
     # Different dropout on every device (the flat index over the batch axes, so that
     # data=8 and fsdp=8 draw the same masks), the same on every run.
     rng = jax.random.fold_in(rng, jax.lax.axis_index(axes))
-    summed = [tuple(a for a in axes if a not in sharding_lib.spec_axes(s)) for s in t_specs]
-    # Each trainable shard typed per-device over the axes it is replicated on, so that
-    # its gradient comes out per device and is summed below (in device order under
-    # deterministic_reductions) rather than by autodiff's implicit all-reduce.
+    # Under deterministic_reductions each trainable shard is typed per-device over the
+    # axes it is replicated on, so that its gradient comes out per device and is summed
+    # below in device order. Otherwise autodiff's implicit all-reduce sums it (the
+    # transpose of using a replicated value on every device), and the shards stay
+    # invariant, as an objective's loss may use them outside a reduction.
+    summed = [tuple(a for a in axes if a not in sharding_lib.spec_axes(s))
+              if deterministic_reductions else () for s in t_specs]
     local = [collectives.vary(x, a) if a else x for x, a in zip(trainable, summed)]
     fixed = [sharding_lib.gather(x, s) for x, s in zip(fixed, f_specs)]
     gather_all = lambda local: [sharding_lib.gather(x, s) for x, s in zip(local, t_specs)]
