@@ -29,26 +29,10 @@ import json
 import os
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from bench_common import load, note_load
+
 PARTS = ("world", "av_digits", "icym2i", "comm")
 METHODS = ("none", "ogm_ge", "mlb", "inforeg", "cggm")
-
-
-def load(name, arg=None, **fields):
-  from mmjax import config_lib  # pylint: disable=g-import-not-at-top
-  config = config_lib.load_config(os.path.join(REPO, "configs", f"{name}.py"), arg)
-  for key, value in fields.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    setattr(node, leaf, value)
-  return config
-
-
-def note_load(part):
-  load1, load5, _ = os.getloadavg()
-  print(f"\n== {part}: load average {load1:.2f} (1 min), {load5:.2f} (5 min)", flush=True)
 
 
 def train(config, workdir):

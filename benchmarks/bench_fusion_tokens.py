@@ -35,7 +35,8 @@ import json
 import os
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from bench_common import load as load_config, note_load
+
 PARTS = ("interaction", "redundant", "av_digits", "cost")
 CONDITIONS = ("audio", "image", "text", "audio+image", "audio+text", "image+text",
               "audio+image+text", "missing_0", "missing_0.3", "missing_0.5",
@@ -57,28 +58,15 @@ POOLED_KINDS = {
 }
 
 
-def note_load(what):
-  load1, load5, _ = os.getloadavg()
-  flag = "  (busy machine: re-measure alone)" if load1 > 1.5 else ""
-  print(f"\n== {what}: load average {load1:.2f} (1 min), {load5:.2f} (5 min){flag}",
-        flush=True)
-  return round(load1, 2)
-
-
 def load(name, arg=None, fusion=None, **fields):
-  """configs/<name>.py:<arg>; `fusion` replaces model.fusion (width kept)."""
+  """configs/<name>.py:<arg>; `fusion` replaces model.fusion (width kept), then
+  `fields` are set (`bench_common.load`)."""
   import ml_collections  # pylint: disable=g-import-not-at-top
-  from mmjax import config_lib  # pylint: disable=g-import-not-at-top
-  config = config_lib.load_config(os.path.join(REPO, "configs", f"{name}.py"), arg)
+  config = load_config(name, arg)
   if fusion is not None:
     width = config.model.fusion.get("width")
     config.model.fusion = ml_collections.ConfigDict(dict(fusion, width=width))
-  for key, value in fields.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    setattr(node, leaf, value)
+  config.update_from_flattened_dict(fields)
   return config
 
 

@@ -36,6 +36,8 @@ import time
 
 import numpy as np
 
+from bench_common import load, note_load
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PARTS = ("prepare", "clip", "cca", "fusion", "coco")
 FUSION_RUNS = (("concat", "av_digits_fusion_concat", None),
@@ -45,26 +47,6 @@ FUSION_RUNS = (("concat", "av_digits_fusion_concat", None),
                ("audio only", "av_digits_fusion_concat", "audio_only"))
 CONDITIONS = ("audio+image", "image", "audio", "missing_0", "missing_0.3", "missing_0.5",
               "missing_0.7")
-
-
-def load(name, arg=None, **fields):
-  from mmjax import config_lib  # pylint: disable=g-import-not-at-top
-  config = config_lib.load_config(os.path.join(REPO, "configs", f"{name}.py"), arg)
-  for key, value in fields.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    setattr(node, leaf, value)
-  return config
-
-
-def note_load(part):
-  load1, load5, _ = os.getloadavg()
-  flag = "  (busy machine: re-measure alone)" if load1 > 1.5 else ""
-  print(f"\n== {part}: load average {load1:.2f} (1 min), {load5:.2f} (5 min){flag}",
-        flush=True)
-  return round(load1, 2)
 
 
 def train(config, workdir):
