@@ -25,7 +25,6 @@ from mmjax.train import checkpoint as ckpt_lib
 from mmjax.train import lock as lock_lib
 from mmjax.train import logging as log_lib
 from mmjax.train import mesh as mesh_lib
-from mmjax.train import objectives
 from mmjax.train import optimizer as opt_lib
 from mmjax.train import sharding as sharding_lib
 from mmjax.train import step as step_lib
