@@ -22,9 +22,9 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
+from bench_common import b16_batch, b16_config
 from mmjax import config_lib, experiment
 from mmjax.data import pipeline
 from mmjax.train import mesh as mesh_lib
@@ -39,20 +39,6 @@ MiB = 2 ** 20
 
 def _mesh(**axes):
   return mesh_lib.make_mesh(config_lib.ml_collections.ConfigDict(axes))
-
-
-def b16_config():
-  c = config_lib.base_config()
-  c.model.embed_dim = 512
-  c.model.encoders.image = config_lib.encoder("vit", "clip_vit_b16")
-  c.model.encoders.text = config_lib.encoder("text", "clip_text_b")
-  return c
-
-
-def b16_batch(size):
-  return {"image": jax.ShapeDtypeStruct((size, 224, 224, 3), jnp.float32),
-          "text": jax.ShapeDtypeStruct((size, 77), jnp.int32),
-          "mask": {m: jax.ShapeDtypeStruct((size,), jnp.bool_) for m in ("image", "text")}}
 
 
 def _abstract(tree, shardings):
