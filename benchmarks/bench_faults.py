@@ -45,7 +45,7 @@ KEPT = re.compile(r"saved step (\d+)|checkpoint \(step (\d+)\) is kept|last fini
 
 def cli(workdir, *extra):
   env = dict(os.environ, CI="true", PYTHONUNBUFFERED="1")
-  env.pop("XLA_FLAGS", None)
+  env["XLA_FLAGS"] = os.environ.get("MMJAX_TEST_CHILD_XLA_FLAGS", "")
   return [sys.executable, "-m", "mmjax.main", f"--config={CONFIG}",
           f"--workdir={workdir}", *STEPS, *extra], env
 

@@ -5,15 +5,27 @@ The cache (JAX's persistent compilation cache, in a temporary folder removed at 
 lets the many runs of the same tiny configs, in this process and in the subprocesses
 the CLI and launcher tests start (they inherit the environment), compile each program
 once. A cached executable is the one the compiler produced, so results are unchanged.
+
+Most of the suite's time is XLA:CPU compiling small programs, and most of that is LLVM
+optimising the generated code, which these tiny runs hardly benefit from: the tests
+compile with LLVM's optimisation level 0 and without its expensive passes
+(`COMPILE_FLAGS`). HLO passes (fusion, layout, buffer assignment, hence compiled memory
+figures) are untouched. The subprocesses the CLI and launcher tests start run on one
+device (their own `XLA_FLAGS`), with `MMJAX_TEST_CHILD_XLA_FLAGS`, these same flags.
 """
 import atexit
 import os
 import shutil
 import tempfile
 
+COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in flags:
-  os.environ["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count=8").strip()
+  flags += " --xla_force_host_platform_device_count=8"
+if "xla_backend_optimization_level" not in flags:
+  flags += " " + COMPILE_FLAGS
+os.environ["XLA_FLAGS"] = flags.strip()
+os.environ.setdefault("MMJAX_TEST_CHILD_XLA_FLAGS", COMPILE_FLAGS)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   _cache = tempfile.mkdtemp(prefix="mmjax-test-jax-cache-")

@@ -161,7 +161,7 @@ def test_process_0_names_a_taken_coordinator_port():
 def test_unreachable_coordinator_from_the_command_line(tmp_path):
   address = f"127.0.0.1:{free_port()}"
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
+  env["XLA_FLAGS"] = os.environ.get("MMJAX_TEST_CHILD_XLA_FLAGS", "")
   result = subprocess.run(
       [sys.executable, "-m", "mmjax.main", "--config=tests/configs/tiny.py",
        f"--workdir={tmp_path}", f"--coordinator_address={address}", "--num_processes=2",

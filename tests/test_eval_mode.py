@@ -146,7 +146,7 @@ def test_eval_mode_bad_input(trained, tmp_path):
 def test_cli_eval_mode_names_the_saved_steps(trained):
   _, workdir, _ = trained
   env = dict(os.environ, CI="true")
-  env.pop("XLA_FLAGS", None)
+  env["XLA_FLAGS"] = os.environ.get("MMJAX_TEST_CHILD_XLA_FLAGS", "")
   r = subprocess.run([sys.executable, "-m", "mmjax.main", f"--config={TINY}",
                       f"--workdir={workdir}", "--mode=eval", "--checkpoint_step=3",
                       "--evals=retrieval"],

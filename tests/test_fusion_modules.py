@@ -22,8 +22,6 @@ NUM_CLASSES, WIDTH = 4, 16
 TRAIN_BATCH, EVAL_BATCH, TRAIN_STEPS = 64, 256, 200
 NOISE = 2.0
 # Cheaper LLVM passes: these programs are tiny, compilation dominates.
-FAST_COMPILE = dict(xla_backend_optimization_level=1,
-                    xla_llvm_disable_expensive_passes=True)
 
 CONFIGS = {
     "concat": dict(dropout_rate=0.1),
@@ -112,11 +110,11 @@ class Trained:
     self.model = model = FusionClassifier(kind, tuple(sorted(CONFIGS[kind].items())))
     data_key = _key(0)
     features, mask, _ = train_batch(data_key, 0)
-    params = jax.jit(model.init, compiler_options=FAST_COMPILE)(
+    params = jax.jit(model.init)(
         {"params": _key(1), "dropout": _key(2)}, features, mask)["params"]
     optimizer = optax.adam(3e-3)
 
-    @functools.partial(jax.jit, compiler_options=FAST_COMPILE)
+    @jax.jit
     def step(params, opt_state, features, mask, labels, rng, step, absent_fill):
       k_drop, k_curriculum = jax.random.split(rng)
       if kind == "gated":  # the trainer-side AECF curriculum
@@ -137,8 +135,7 @@ class Trained:
                                      rngs[i], i, 0.0)
     self.params, self.opt_state, self.step = params, opt_state, step
     predict = jax.jit(lambda p, f, m, fill: model.apply({"params": p}, f, m,
-                                                        absent_fill=fill),
-                      compiler_options=FAST_COMPILE)
+                                                        absent_fill=fill))
     # Always called with `fill` given, so one compilation serves every call.
     self.predict = lambda p, f, m, fill=0.0: predict(p, f, m, fill)
     self.eval_features, self.eval_mask, self.eval_labels = eval_batch(_key(4))

@@ -29,8 +29,6 @@ TASK_NAMES = ("a", "b")    # the learning task: two modalities keep compiles sho
 LENGTHS = {"a": 4, "b": 3, "c": 5}
 NUM_CLASSES, RAW, WIDTH = 3, 8, 16
 TRAIN_BATCH, EVAL_BATCH, TRAIN_STEPS = 64, 256, 400
-FAST_COMPILE = dict(xla_backend_optimization_level=1,
-                    xla_llvm_disable_expensive_passes=True)
 CONFIGS = {
     "bottleneck": dict(num_classes=NUM_CLASSES, num_layers=2, fusion_layer=0,
                        num_bottlenecks=2),
@@ -48,7 +46,7 @@ def _key(seed):
 
 
 def _jit(fn, **static):
-  return jax.jit(fn, compiler_options=FAST_COMPILE, **static)
+  return jax.jit(fn, **static)
 
 
 PROTOTYPES = jnp.asarray(np.random.default_rng(0).normal(size=(3, NUM_CLASSES, RAW)),
@@ -104,7 +102,7 @@ class Trained:
               for k, v in CONFIGS[kind].items()}
     self.model = model = TokenClassifier(kind, tuple(sorted(config.items())))
     tokens, token_mask, mask, _ = train_batch(_key(0), 0)
-    params = jax.jit(model.init, compiler_options=FAST_COMPILE)(
+    params = jax.jit(model.init)(
         {"params": _key(1), "dropout": _key(2)}, tokens, token_mask, mask)["params"]
     optimizer = optax.adam(3e-3)
 
@@ -114,7 +112,7 @@ class Trained:
       return fusion.task_loss(logits, labels) + sum(
           v for k, v in aux.items() if k.startswith("loss/"))
 
-    @functools.partial(jax.jit, compiler_options=FAST_COMPILE)
+    @jax.jit
     def step(params, opt_state, i):
       tokens, token_mask, mask, labels = make_batch(jax.random.fold_in(_key(0), i),
                                                     TRAIN_BATCH, 0.2)
@@ -127,8 +125,7 @@ class Trained:
     for i in range(TRAIN_STEPS):
       params, opt_state = step(params, opt_state, i)
     self.params = params
-    self.predict = jax.jit(lambda p, t, tm, m: model.apply({"params": p}, t, tm, m)[0],
-                           compiler_options=FAST_COMPILE)
+    self.predict = jax.jit(lambda p, t, tm, m: model.apply({"params": p}, t, tm, m)[0])
     self.tokens, self.token_mask, _, self.labels = make_batch(_key(4), EVAL_BATCH, 0.0)
 
   def accuracy(self, mask):

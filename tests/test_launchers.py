@@ -61,10 +61,17 @@ def tiny_config(**overrides):
   return c
 
 
+def _child_flags(devices):
+  """The XLA_FLAGS a launcher hands its processes: the tests' own (`_env`) with the
+  device count appended."""
+  own = os.environ.get("MMJAX_TEST_CHILD_XLA_FLAGS", "")
+  return f"{own} --xla_force_host_platform_device_count={devices}".strip()
+
+
 def _env(**extra):
   env = dict(os.environ, CI="true", PYTHONUNBUFFERED="1", PYTHON=sys.executable)
   env.update(extra)
-  env.pop("XLA_FLAGS", None)
+  env["XLA_FLAGS"] = os.environ.get("MMJAX_TEST_CHILD_XLA_FLAGS", "")
   return env
 
 
@@ -287,7 +294,7 @@ def test_multiprocess_local_passes_flags_and_stops_the_others_when_one_fails(tmp
     assert (f"-u -m mmjax.main --config=c.py --workdir=w --coordinator_address=127.0.0.1:23456 "
             f"--num_processes=2 --process_id={i} --config.seed=4") in r.stdout
   assert "[process 1] args:" in r.stdout                 # others' output is prefixed
-  assert "xla: --xla_force_host_platform_device_count=3 platforms: cpu" in r.stdout
+  assert f"xla: {_child_flags('3')} platforms: cpu" in r.stdout
 
 
 def test_local_sh_runs_main_with_the_config_and_flags(tmp_path):
@@ -301,7 +308,7 @@ def test_local_sh_runs_main_with_the_config_and_flags(tmp_path):
   assert r.returncode == 0, r.stderr
   assert "args: -m mmjax.main --config=configs/default.py --workdir=runs/x " \
          "--config.total_steps=5" in r.stdout
-  assert "xla: --xla_force_host_platform_device_count=2" in r.stdout
+  assert f"xla: {_child_flags('2')}\n" in r.stdout
   r = subprocess.run([os.path.join(LAUNCH, "local.sh"), "configs/default.py"],
                      capture_output=True, text=True, env=_env())
   assert r.returncode == 2 and "expected CONFIG WORKDIR, got 1" in r.stderr

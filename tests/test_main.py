@@ -17,7 +17,7 @@ INFO_LINE = re.compile(r"^I\d{4} [\d:.]+ +\d+ (\S+\.py):\d+\] (.*)$", re.M)
 
 def _run(workdir, *extra):
   env = dict(os.environ, CI="true", PYTHONUNBUFFERED="1")
-  env.pop("XLA_FLAGS", None)
+  env["XLA_FLAGS"] = os.environ.get("MMJAX_TEST_CHILD_XLA_FLAGS", "")
   cmd = [sys.executable, "-m", "mmjax.main", "--config=tests/configs/tiny.py",
          f"--workdir={workdir}", "--config.total_steps=2",
          "--config.checkpoint_every_steps=2", "--config.eval_every_steps=2", *extra]

@@ -98,7 +98,7 @@ def test_short_run_learns_above_chance(tmp_path):
 
 def _cli(workdir, *overrides, config="tests/configs/tiny.py"):
   env = dict(os.environ, CI="true", PYTHONUNBUFFERED="1")
-  env.pop("XLA_FLAGS", None)      # the CLI runs on 1 CPU device; fast to start
+  env["XLA_FLAGS"] = os.environ.get("MMJAX_TEST_CHILD_XLA_FLAGS", "")      # the CLI runs on 1 CPU device; fast to start
   return [sys.executable, "-m", "mmjax.main", f"--config={config}",
           f"--workdir={workdir}", *overrides], env
 
