@@ -1,6 +1,7 @@
 """Masked modality projection (MMP) on the world tasks of configs/fusion_common.py:
 in training each present modality is masked with probability 0.3 (at least one
-kept) and a projection per pair of modalities learns to predict the masked one's
+kept; none for the first fifth of the steps, then a linear ramp to 0.3 over the next
+fifth) and a projection per pair of modalities learns to predict the masked one's
 tokens from the others' (alignment loss: mean squared error against the true
 tokens); wherever a modality is absent its predicted tokens stand in for it, and the
 single-stream `joint` backbone (2 blocks) fuses all three. One model for every
@@ -25,7 +26,15 @@ def _common():
 
 
 def get_config(arg=None):
-  fusion = {"kind": "mmp", "backbone": "joint", "mask_rate": 0.3, "loss_weight": 1.0,
+  total = _common().fusion_task_config("fusion_mmp", {"kind": "concat"}, arg).total_steps
+  # No masking for the first fifth of training, then a ramp to 0.3 over the next
+  # fifth: masked from the first step, the backbone does not leave chance on the
+  # interaction task (benchmarks/README.md, "Fusion under missing modalities").
+  mask_rate = ml_collections.ConfigDict({"shape": "linear", "init": 0.0, "end": 0.3,
+                                         "begin": total // 5,
+                                         "steps": max(1, total // 5)})
+  fusion = {"kind": "mmp", "backbone": "joint", "mask_rate": mask_rate,
+            "loss_weight": 1.0,
             "backbone_config": ml_collections.ConfigDict({"num_layers": 2,
                                                           "num_heads": 2})}
   c = _common().fusion_task_config("fusion_mmp", fusion, arg)

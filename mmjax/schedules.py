@@ -122,6 +122,20 @@ def fields(config: Any, name: str = "schedule") -> dict[str, Any]:
   return out
 
 
+def check(value: Any, name: str, upper: float | None = None) -> None:
+  """A number in [0, upper) (or >= 0 without `upper`), or a valid schedule config.
+
+  Raises:
+    ValueError: naming `name`, the bound and the value, or the schedule's fault.
+  """
+  if isinstance(value, (int, float)) and not isinstance(value, bool):
+    if value < 0 or (upper is not None and value >= upper):
+      bound = f"in [0, {upper:g})" if upper is not None else ">= 0"
+      raise ValueError(f"{name} must be {bound} (or a schedule), got {value}")
+    return
+  fields(value, name)
+
+
 def final_step(config: Any, name: str = "schedule") -> int:
   """The step from which the schedule stays at its final value."""
   f = fields(config, name)

@@ -13,6 +13,7 @@ import os
 
 import flax.linen as nn
 import jax
+import ml_collections
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -36,7 +37,9 @@ CONFIGS = {
     "joint": dict(num_layers=1),
     "ovo_tokens": dict(),
     "mmp": dict(modalities=TASK_NAMES, backbone="joint",
-                backbone_config={"num_layers": 1}, mask_rate=0.3),
+                backbone_config={"num_layers": 1},    # as configs/fusion_mmp.py
+                mask_rate={"shape": "linear", "init": 0.0, "end": 0.3, "begin": 80,
+                           "steps": 80}),
     "proxy": dict(modalities=TASK_NAMES, mask_rate=0.1),
 }
 
@@ -83,9 +86,10 @@ class TokenClassifier(nn.Module):
     self.head = (None if self.fusion.produces_task_output
                  else fusion.TaskHead(NUM_CLASSES))
 
-  def __call__(self, tokens, token_mask, mask, train=False):
+  def __call__(self, tokens, token_mask, mask, train=False, step=None):
     encoded = {m: self.encoders[m](x) for m, x in tokens.items()}
-    joint, aux = self.fusion(encoded, token_mask, mask, train=train)
+    by_step = {} if step is None or self.kind != "mmp" else {"step": step}
+    joint, aux = self.fusion(encoded, token_mask, mask, train=train, **by_step)
     return (joint if self.head is None else self.head(joint)), aux
 
 
@@ -106,9 +110,9 @@ class Trained:
         {"params": _key(1), "dropout": _key(2)}, tokens, token_mask, mask)["params"]
     optimizer = optax.adam(3e-3)
 
-    def loss_fn(params, tokens, token_mask, mask, labels, rng):
+    def loss_fn(params, tokens, token_mask, mask, labels, rng, i):
       logits, aux = model.apply({"params": params}, tokens, token_mask, mask,
-                                train=True, rngs={"dropout": rng})
+                                train=True, step=i, rngs={"dropout": rng})
       return fusion.task_loss(logits, labels) + sum(
           v for k, v in aux.items() if k.startswith("loss/"))
 
@@ -117,7 +121,7 @@ class Trained:
       tokens, token_mask, mask, labels = make_batch(jax.random.fold_in(_key(0), i),
                                                     TRAIN_BATCH, 0.2)
       grads = jax.grad(loss_fn)(params, tokens, token_mask, mask, labels,
-                                jax.random.fold_in(_key(3), i))
+                                jax.random.fold_in(_key(3), i), i)
       updates, opt_state = optimizer.update(grads, opt_state, params)
       return optax.apply_updates(params, updates), opt_state
 
@@ -302,6 +306,30 @@ def test_mmp_uses_predicted_tokens_only_where_a_modality_is_absent():
       variables, tokens, token_mask, every, rngs={"dropout": _key(5)})
   assert float(aux["loss/mmp_alignment"]) > 0.0
   assert float(aux["stats/mmp_masked_fraction"]) > 0.0
+
+
+def test_mmp_mask_rate_schedule_follows_the_step_the_model_hands_it():
+  """A 'linear' mask_rate: no masking before `begin`, the end rate after the ramp;
+  the model passes its step through the fusion wrapper to the token-level kind."""
+  ramp = {"shape": "linear", "init": 0.0, "end": 0.9, "begin": 10, "steps": 10}
+  config = _config("fusion_mmp")
+  config.model.fusion.mask_rate = ml_collections.ConfigDict(ramp)
+  model = model_lib.build(config.model)
+  batch = _batch()
+  batch["mask"] = {m: jnp.ones(4, bool) for m in batch["mask"]}
+  variables = _jit(model.init)({"params": _key(0), "dropout": _key(1)}, batch)
+  forward = _jit(lambda v, b, step: model.apply(v, b, train=True, step=step,
+                                                 rngs={"dropout": _key(2)}))
+  stats = {step: forward(variables, batch, step).aux for step in (0, 9, 20)}
+  for step in (0, 9):
+    assert float(stats[step]["stats/mmp_mask_rate"]) == 0.0
+    assert float(stats[step]["stats/mmp_masked_fraction"]) == 0.0
+  assert float(stats[20]["stats/mmp_mask_rate"]) == pytest.approx(0.9)
+  assert float(stats[20]["stats/mmp_masked_fraction"]) > 0.3
+  with pytest.raises(ValueError, match="mmp mask_rate must be in"):
+    fusion.build_fusion("mmp", modalities=NAMES, mask_rate=1.0)
+  with pytest.raises(ValueError, match="mmp mask_rate: unknown schedule shape"):
+    fusion.build_fusion("mmp", modalities=NAMES, mask_rate={"shape": "cubic"})
 
 
 def test_proxy_alignment_is_one_minus_cosine_on_pairs_present_together():

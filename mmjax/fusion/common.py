@@ -207,7 +207,8 @@ def modality_dropout(mask: Mapping[str, Array] | Array, rate: float, rng: Array,
 
   Args:
     mask: dict modality -> bool [B] (or bool [B, M]).
-    rate: drop probability in [0, 1).
+    rate: drop probability in [0, 1) (a number, checked, or a scalar array, e.g. a
+      schedule's value at a traced step).
     rng: PRNG key.
     keep_at_least_one: when every present modality of a sample was dropped,
       keep one of them, chosen uniformly at random.
@@ -215,7 +216,7 @@ def modality_dropout(mask: Mapping[str, Array] | Array, rate: float, rng: Array,
   Returns:
     The new mask, same structure as `mask`; it is a subset of `mask`.
   """
-  if not 0.0 <= rate < 1.0:
+  if isinstance(rate, (int, float)) and not 0.0 <= rate < 1.0:
     raise ValueError(f"modality dropout rate must be in [0, 1), got {rate}")
   present = stack_mask(mask)
   u = jax.random.uniform(rng, present.shape)

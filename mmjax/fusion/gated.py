@@ -157,8 +157,8 @@ class GatedFusion(nn.Module):
     if not 0.0 <= self.curriculum_rate <= 1.0:
       raise ValueError(f"gated curriculum_rate must be in [0, 1], got "
                        f"{self.curriculum_rate}")
-    _check_schedule(self.entropy_coeff, "gated entropy_coeff", upper=None)
-    _check_schedule(self.mask_rate, "gated mask_rate", upper=1.0)
+    schedules.check(self.entropy_coeff, "gated entropy_coeff")
+    schedules.check(self.mask_rate, "gated mask_rate", upper=1.0)
     if not self.project and self.out_dim is not None:
       raise ValueError("gated out_dim needs project=True (without a projection "
                        "the output width is the feature width)")
@@ -228,16 +228,6 @@ class GatedFusion(nn.Module):
         **aux_curriculum,
     }
     return joint, aux
-
-
-def _check_schedule(value, name: str, upper: float | None) -> None:
-  """A number in [0, upper) (or >= 0) or a valid schedule config."""
-  if isinstance(value, (int, float)) and not isinstance(value, bool):
-    if value < 0 or (upper is not None and value >= upper):
-      bound = f"in [0, {upper:g})" if upper is not None else ">= 0"
-      raise ValueError(f"{name} must be {bound} (or a schedule), got {value}")
-    return
-  schedules.fields(value, name)
 
 
 def curriculum_rate(step, max_rate: float, ramp_steps: int) -> Array:

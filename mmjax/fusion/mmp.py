@@ -24,6 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mmjax import schedules
 from mmjax.fusion import common
 from mmjax.fusion.tokens import (CrossAttentionFusion, JointFusion, OvOTokenFusion,
                                  stack_token_inputs)
@@ -61,7 +62,9 @@ class MMPFusion(nn.Module):
     predict: the modalities whose tokens are predicted when absent (default: all);
       an absent modality not listed stays absent for the backbone.
     mask_rate: in training, each present modality is masked with this probability
-      (at least one kept; rng stream 'dropout').
+      (at least one kept; rng stream 'dropout'); a number or a schedule config
+      (`mmjax.schedules`, evaluated at the training step; its final value without
+      one), e.g. no masking for the first steps and a ramp to the rate after them.
     loss_weight: weight of the alignment loss `loss/mmp_alignment`.
   """
   produces_task_output: ClassVar[bool] = False
@@ -70,7 +73,7 @@ class MMPFusion(nn.Module):
   backbone: str = "joint"
   backbone_config: Any = ()
   predict: Sequence[str] | None = None
-  mask_rate: float = 0.3
+  mask_rate: float | tuple | Any = 0.3
   loss_weight: float = 1.0
 
   def __post_init__(self):
@@ -89,8 +92,7 @@ class MMPFusion(nn.Module):
     if len(self.modalities) < 2:
       raise ValueError(f"mmp predicts a modality from the others: it needs two "
                        f"modalities or more, got {list(self.modalities)}")
-    if not 0.0 <= self.mask_rate < 1.0:
-      raise ValueError(f"mmp mask_rate must be in [0, 1), got {self.mask_rate}")
+    schedules.check(self.mask_rate, "mmp mask_rate", upper=1.0)
     if not self.loss_weight >= 0:
       raise ValueError(f"mmp loss_weight must be >= 0, got {self.loss_weight}")
     config = dict(self.backbone_config)
@@ -144,13 +146,17 @@ class MMPFusion(nn.Module):
         filled_present.append(here)
     return filled, filled_valid, jnp.stack(filled_present, axis=1), predicted
 
-  def __call__(self, tokens, token_mask, mask, train: bool = False):
-    """Returns the backbone's joint [B, D_out] and aux with `loss/mmp_alignment`."""
+  def __call__(self, tokens, token_mask, mask, train: bool = False,
+               step: Array | None = None):
+    """Returns the backbone's joint [B, D_out] and aux with `loss/mmp_alignment`;
+    `step` (int scalar) for a `mask_rate` schedule."""
     names = common.modality_names(tokens, mask, self.modalities)
     present = common.stack_mask(mask, names)
     kept = present
-    if train and self.mask_rate > 0:
-      kept = common.modality_dropout(present, self.mask_rate, self.make_rng("dropout"))
+    rate = None
+    if train and self.mask_rate != 0.0:
+      rate = schedules.value_at(self.mask_rate, step, "mmp mask_rate")
+      kept = common.modality_dropout(present, rate, self.make_rng("dropout"))
     filled, filled_valid, filled_present, predicted = self.fill(
         tokens, token_mask, mask, kept)
     joint, aux = self.fuse(filled, filled_valid,
@@ -171,5 +177,7 @@ class MMPFusion(nn.Module):
     aux["loss/mmp_alignment"] = self.loss_weight * alignment
     aux["stats/mmp_alignment"] = alignment
     aux["stats/mmp_masked_fraction"] = jnp.mean((present & ~kept).astype(jnp.float32))
+    if rate is not None:
+      aux["stats/mmp_mask_rate"] = rate
     aux["stats/num_present"] = jnp.mean(jnp.sum(present, 1).astype(jnp.float32))
     return joint, aux

@@ -170,7 +170,7 @@ class FusionWithTaskHead(nn.Module):
       mask = common.modality_dropout({m: mask[m] for m in names}, self.modality_dropout,
                                      self.make_rng("dropout"))
     if self.needs_tokens:
-      joint, aux = self._fuse_tokens(names, mask, tokens, token_mask, train)
+      joint, aux = self._fuse_tokens(names, mask, tokens, token_mask, train, step)
     else:
       joint, aux = self._fuse_pooled(names, features, mask, train, step)
     if unimodal_logits is not None:
@@ -180,7 +180,14 @@ class FusionWithTaskHead(nn.Module):
     logits = None if self.head is None else self.head(joint, train=train)
     return joint, logits, aux
 
-  def _fuse_tokens(self, names, mask, tokens, token_mask, train):
+  def _call_fusion(self, inputs, mask, train, step):
+    """The fusion module on `inputs` (features, or (tokens, token_mask)); `step` only
+    for modules whose `__call__` takes one."""
+    takes_step = "step" in inspect.signature(type(self.fusion).__call__).parameters
+    return self.fusion(*inputs, mask, train=train, **({"step": step} if takes_step
+                                                      else {}))
+
+  def _fuse_tokens(self, names, mask, tokens, token_mask, train, step):
     if tokens is None or token_mask is None:
       raise ValueError(f"fusion kind {self.kind!r} fuses token sequences: call it with "
                        f"tokens= and token_mask= (MultimodalModel passes the encoders')")
@@ -204,7 +211,8 @@ class FusionWithTaskHead(nn.Module):
         raise ValueError(f"token-level fusion {self.kind!r} needs tokens of one width, "
                          f"got widths {widths}; set the fusion config's 'width' "
                          f"(model.fusion.width) to project each modality's tokens")
-    return self.fusion(tokens, token_mask, {m: mask[m] for m in names}, train=train)
+    return self._call_fusion((tokens, token_mask), {m: mask[m] for m in names}, train,
+                             step)
 
   def _fuse_pooled(self, names, features, mask, train, step):
     if self.projections is not None:
@@ -215,9 +223,7 @@ class FusionWithTaskHead(nn.Module):
       if len(set(widths.values())) > 1:
         raise ValueError(f"fusion needs features of one width, got {widths}; set "
                          f"the fusion config's 'width' to project them")
-    takes_step = "step" in inspect.signature(type(self.fusion).__call__).parameters
-    return (self.fusion(features, mask, train=train, step=step) if takes_step
-            else self.fusion(features, mask, train=train))
+    return self._call_fusion((features,), mask, train, step)
 
 
 def build_fusion_from_config(fusion_config: Mapping[str, Any],
