@@ -135,6 +135,9 @@ def part_training(args, part, results):
       config.total_steps = args.steps
       config.checkpoint_every_steps = config.eval_every_steps = args.steps
       config.optimizer.warmup_steps = max(1, args.steps // 5)
+      rate = config.model.fusion.get("mask_rate")
+      if hasattr(rate, "begin"):        # MMP's ramp: the same fifths of the budget
+        rate.begin, rate.steps = args.steps // 5, max(1, args.steps // 5)
     if args.batch_size:
       config.batch_size = args.batch_size
     if args.test_size and "sizes" in config.data:
