@@ -13,8 +13,8 @@ import os
 
 import flax.linen as nn
 import jax
-import ml_collections
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -46,10 +46,6 @@ CONFIGS = {
 
 def _key(seed):
   return jax.random.key(seed, impl="rbg")
-
-
-def _jit(fn, **static):
-  return jax.jit(fn, **static)
 
 
 PROTOTYPES = jnp.asarray(np.random.default_rng(0).normal(size=(3, NUM_CLASSES, RAW)),
@@ -186,8 +182,8 @@ def _layer_norm(x, p, eps=1e-6):
 def test_ovo_tokens_matches_the_direct_formula():
   tokens, token_mask, mask = _tiny_inputs()
   module = fusion.build_fusion("ovo_tokens", num_heads=2)
-  params = _jit(module.init)(_key(0), tokens, token_mask, mask)["params"]
-  out, _ = _jit(module.apply)({"params": params}, tokens, token_mask, mask)
+  params = jax.jit(module.init)(_key(0), tokens, token_mask, mask)["params"]
+  out, _ = jax.jit(module.apply)({"params": params}, tokens, token_mask, mask)
   p = jax.tree.map(np.asarray, params)
   dense = lambda x, name: x @ p[name]["kernel"] + p[name]["bias"]  # noqa: E731
   heads, hd = 2, 4
@@ -225,14 +221,14 @@ def test_ovo_tokens_matches_the_direct_formula():
 def test_joint_is_the_class_token_of_one_transformer_over_present_tokens():
   tokens, token_mask, mask = _tiny_inputs()
   module = fusion.build_fusion("joint", num_layers=1)
-  params = _jit(module.init)(_key(0), tokens, token_mask, mask)["params"]
-  out, _ = _jit(module.apply)({"params": params}, tokens, token_mask, mask)
+  params = jax.jit(module.init)(_key(0), tokens, token_mask, mask)["params"]
+  out, _ = jax.jit(module.apply)({"params": params}, tokens, token_mask, mask)
   # Row 1 has b and c only (c's first 3 tokens): the same as one sequence of them.
   block = fusion.tokens.Block(2, 16)
   types = params["type_embedding"]
   seq = jnp.concatenate([params["cls"][0], tokens["b"][1] + types[1],
                          tokens["c"][1, :3] + types[2]])[None]
-  h = _jit(block.apply)({"params": params["block_0"]}, seq,
+  h = jax.jit(block.apply)({"params": params["block_0"]}, seq,
                         jnp.ones(seq.shape[:2], bool))
   expected = nn.LayerNorm().apply({"params": params["final_norm"]}, h[:, 0])
   np.testing.assert_allclose(np.asarray(out[1]), np.asarray(expected[0]), atol=1e-5)
@@ -246,9 +242,9 @@ def test_bottleneck_with_fusion_layer_at_depth_is_late_fusion():
   # fusion_layer <= num_layers - 2.
   build = functools.partial(fusion.build_fusion, "bottleneck", num_classes=4,
                             num_layers=2)
-  params = _jit(build(fusion_layer=0).init)(_key(0), tokens, token_mask, every)
+  params = jax.jit(build(fusion_layer=0).init)(_key(0), tokens, token_mask, every)
   for fusion_layer, same in ((1, True), (0, False)):
-    apply = _jit(build(fusion_layer=fusion_layer).apply)   # unused params are ignored
+    apply = jax.jit(build(fusion_layer=fusion_layer).apply)   # unused params are ignored
     both = apply(params, tokens, token_mask, every)[0]
     alone = [apply(params, tokens, token_mask,
                    {n: jnp.full(3, n == m) for n in TASK_NAMES})[0] for m in TASK_NAMES]
@@ -260,8 +256,8 @@ def test_cross_attention_stream_without_partner_skips_co_attention():
   tokens, token_mask, _ = _tiny_inputs()
   module = fusion.build_fusion("cross_attention", num_layers=1)
   only_a = {m: jnp.full(3, m == "a") for m in NAMES}
-  params = _jit(module.init)(_key(0), tokens, token_mask, only_a)["params"]
-  out = _jit(module.apply)({"params": params}, tokens, token_mask, only_a)[0]
+  params = jax.jit(module.init)(_key(0), tokens, token_mask, only_a)["params"]
+  out = jax.jit(module.apply)({"params": params}, tokens, token_mask, only_a)[0]
   from mmjax.fusion.attention import FeedForward, MaskedSelfAttention
 
   @jax.jit
@@ -282,8 +278,8 @@ def test_mmp_uses_predicted_tokens_only_where_a_modality_is_absent():
   tokens, token_mask, mask = _tiny_inputs()
   module = fusion.build_fusion("mmp", modalities=NAMES, backbone="joint",
                                backbone_config=(("num_layers", 1),))
-  variables = _jit(module.init)(_key(0), tokens, token_mask, mask)
-  fill = functools.partial(_jit(module.apply, static_argnames="method"), variables,
+  variables = jax.jit(module.init)(_key(0), tokens, token_mask, mask)
+  fill = functools.partial(jax.jit(module.apply, static_argnames="method"), variables,
                            method=mmp_lib.MMPFusion.fill)
   filled, filled_valid, filled_present, predicted = fill(tokens, token_mask, mask)
   assert bool(filled_present.all())
@@ -302,7 +298,7 @@ def test_mmp_uses_predicted_tokens_only_where_a_modality_is_absent():
   heavy = fusion.build_fusion("mmp", modalities=NAMES, mask_rate=0.9,
                               backbone_config=(("num_layers", 1),))
   every = {m: jnp.ones(3, bool) for m in NAMES}
-  _, aux = _jit(functools.partial(heavy.apply, train=True))(
+  _, aux = jax.jit(functools.partial(heavy.apply, train=True))(
       variables, tokens, token_mask, every, rngs={"dropout": _key(5)})
   assert float(aux["loss/mmp_alignment"]) > 0.0
   assert float(aux["stats/mmp_masked_fraction"]) > 0.0
@@ -317,8 +313,8 @@ def test_mmp_mask_rate_schedule_follows_the_step_the_model_hands_it():
   model = model_lib.build(config.model)
   batch = _batch()
   batch["mask"] = {m: jnp.ones(4, bool) for m in batch["mask"]}
-  variables = _jit(model.init)({"params": _key(0), "dropout": _key(1)}, batch)
-  forward = _jit(lambda v, b, step: model.apply(v, b, train=True, step=step,
+  variables = jax.jit(model.init)({"params": _key(0), "dropout": _key(1)}, batch)
+  forward = jax.jit(lambda v, b, step: model.apply(v, b, train=True, step=step,
                                                  rngs={"dropout": _key(2)}))
   stats = {step: forward(variables, batch, step).aux for step in (0, 9, 20)}
   for step in (0, 9):
@@ -335,9 +331,9 @@ def test_mmp_mask_rate_schedule_follows_the_step_the_model_hands_it():
 def test_proxy_alignment_is_one_minus_cosine_on_pairs_present_together():
   tokens, token_mask, mask = _tiny_inputs()
   module = fusion.build_fusion("proxy", modalities=NAMES, mask_rate=0.0)
-  variables = _jit(module.init)(_key(0), tokens, token_mask, mask)
-  _, aux = _jit(module.apply)(variables, tokens, token_mask, mask)
-  pooled = _jit(lambda params: {m: fusion.proxy.QueryPool(3, 2).apply(
+  variables = jax.jit(module.init)(_key(0), tokens, token_mask, mask)
+  _, aux = jax.jit(module.apply)(variables, tokens, token_mask, mask)
+  pooled = jax.jit(lambda params: {m: fusion.proxy.QueryPool(3, 2).apply(
       {"params": params[f"{m}_pool"]}, tokens[m], token_mask[m] & mask[m][:, None])
       for m in NAMES})(variables["params"])
   terms = []
